@@ -1,0 +1,7 @@
+"""symgate: exact Jacobians, effective learning rates and kernels for gated RNN cells."""
+from ._cell import Cell as Cell, Constant as Constant, Input as Input, Matrix as Matrix
+from ._cell import Scalar as Scalar, State as State, Vector as Vector
+from ._cell import cell as cell, make_cell as make_cell
+from ._functions import exp as exp, log as log, sigmoid as sigmoid, softplus as softplus, tanh as tanh
+from ._errors import *  # noqa: F401,F403
+from . import cells as cells

@@ -1,0 +1,56 @@
+"""The project's error types.
+
+Every error symgate raises on bad input derives from :class:`SymgateError`, and
+also from the matching built-in type (``ValueError`` or ``TypeError``), so both
+``except symgate.SymgateError`` and ordinary ``except ValueError`` work.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SymgateError",
+    "CellSpecError",
+    "InvalidNameError",
+    "UnsupportedFunctionError",
+    "StateIndependenceError",
+    "ShapeError",
+    "DTypeError",
+    "NonFiniteError",
+    "VerificationError",
+]
+
+
+class SymgateError(Exception):
+    """Base class of every error raised by symgate."""
+
+
+class CellSpecError(SymgateError, ValueError):
+    """A cell specification is malformed (bad annotation, unknown symbol, ...)."""
+
+
+class InvalidNameError(CellSpecError):
+    """A name is not a valid identifier, is reserved, or collides with another."""
+
+
+class UnsupportedFunctionError(CellSpecError):
+    """A cell body uses a function symgate cannot differentiate or generate."""
+
+
+class StateIndependenceError(CellSpecError):
+    """A cell's update does not depend on (one of) its states."""
+
+
+class ShapeError(SymgateError, ValueError):
+    """An array or a ``Linear`` node has the wrong shape or dimension."""
+
+
+class DTypeError(SymgateError, TypeError):
+    """An array has the wrong dtype or memory layout."""
+
+
+class NonFiniteError(SymgateError, ValueError):
+    """An input array contains NaN or infinity."""
+
+
+class VerificationError(SymgateError, AssertionError):
+    """A verification battery found a disagreement beyond its stated tolerance."""
