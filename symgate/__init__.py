@@ -5,3 +5,5 @@ from ._cell import cell as cell, make_cell as make_cell
 from ._functions import exp as exp, log as log, sigmoid as sigmoid, softplus as softplus, tanh as tanh
 from ._errors import *  # noqa: F401,F403
 from . import cells as cells
+from ._derive import jacobian as jacobian, parameter_jacobian as parameter_jacobian
+from ._derive import parameter_jacobians as parameter_jacobians

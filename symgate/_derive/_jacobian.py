@@ -1,0 +1,618 @@
+r"""Structured Jacobians, assembled from local partials by the chain rule.
+
+The chain rule through ``Linear`` nodes is structural: every path from an updated
+state back to the previous state (or to a parameter) through the cell graph
+contributes one *term*, a chain of factors
+
+* ``diag(e)`` -- the partial of a per-unit quantity with respect to another of
+  the same dimension (a diagonal matrix of a per-unit expression ``e``),
+* ``[e]`` -- the same when a scalar (dimension-1) quantity is broadcast to units
+  (a column vector),
+* ``M`` -- a parameter matrix, where a path crosses a Linear node ``z = M v``.
+
+So the derived Jacobian is a sum of chains such as
+``diag(g) diag(1 - phi**2) W + diag(1 - g) + diag(phi - h) diag(g*(1 - g)) Wg``
+(the vector-gate cell), never an n x n matrix of scalar entries: the symbolic
+work does not depend on the hidden size.  Each term carries its *origin*:
+
+``leak``
+    no matrix on the path: the diagonal, direct dependence on the state;
+``candidate``
+    the path enters the recurrent weights through a non-gate quantity;
+``gate``
+    the path enters through a gate (a sigmoid node): the gate-derivative terms;
+``reset``
+    it enters through a candidate and then through a gate (GRU's reset path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import sympy
+from sympy.matrices.expressions import Identity, KroneckerProduct, MatrixSymbol, OneMatrix, ZeroMatrix
+
+from .._cell import Cell, Dim, UnitSymbol, dim_symbol
+from .._errors import CellSpecError, StateIndependenceError
+from .._functions import NUMPY_FUNCTIONS
+from ._local import LocalPartials, Owner, local_partials
+from ._matexpr import UnitCol, UnitDiag, vector_symbol
+
+__all__ = [
+    "Factor",
+    "Term",
+    "StructuredJacobian",
+    "BlockJacobian",
+    "ParamJacobian",
+    "jacobian",
+    "parameter_jacobian",
+    "parameter_jacobians",
+    "ORIGINS",
+]
+
+#: The origin labels a Jacobian term can carry, in display order.
+ORIGINS: tuple[str, ...] = ("leak", "candidate", "gate", "reset")
+
+
+def _is_scalar_expr(e: sympy.Expr) -> bool:
+    return all(not (isinstance(s, UnitSymbol) and s.dim != 1) for s in e.free_symbols)
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One factor of a chain: ``diag(expr)``, ``[expr]`` (column) or a parameter matrix."""
+
+    kind: str  # "diag" | "col" | "matrix"
+    rows: Dim
+    cols: Dim
+    expr: sympy.Expr | None = None
+    matrix: str | None = None
+
+    def matexpr(self) -> Any:
+        if self.kind == "matrix":
+            return MatrixSymbol(self.matrix, dim_symbol(self.rows), dim_symbol(self.cols))
+        if self.kind == "diag":
+            return UnitDiag(self.expr, dim_symbol(self.rows))
+        return UnitCol(self.expr, dim_symbol(self.rows))
+
+    def __str__(self) -> str:
+        return str(self.matexpr())
+
+
+@dataclass(frozen=True)
+class Term:
+    """One chain of factors with its origin.
+
+    ``coefficient`` collects the scalar (unit-independent) parts; ``factors`` are the
+    remaining matrix factors, leftmost first; ``path`` names the nodes the chain
+    passes through (outermost first); ``origin`` is one of :data:`ORIGINS`.
+    """
+
+    coefficient: sympy.Expr
+    factors: tuple[Factor, ...]
+    path: tuple[str, ...]
+    origin: str
+    rows: Dim
+    cols: Dim
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        """The parameter matrices on the chain, leftmost first."""
+        return tuple(f.matrix for f in self.factors if f.kind == "matrix")  # type: ignore[misc]
+
+    @property
+    def is_diagonal(self) -> bool:
+        """True when the term is a diagonal matrix (a leak term)."""
+        return all(f.kind == "diag" for f in self.factors) and self.rows == self.cols
+
+    def diagonal_expr(self) -> sympy.Expr:
+        """For a diagonal term, the per-unit expression on its diagonal."""
+        if not self.is_diagonal:
+            raise ValueError("term is not diagonal")
+        out = self.coefficient
+        for f in self.factors:
+            out = out * f.expr  # type: ignore[operator]
+        return out
+
+    def matexpr(self) -> Any:
+        mats = [f.matexpr() for f in self.factors]
+        if not mats:
+            if self.rows == self.cols:
+                return self.coefficient * Identity(dim_symbol(self.rows))
+            return self.coefficient * OneMatrix(dim_symbol(self.rows), dim_symbol(self.cols))
+        if self.factors[0].rows != self.rows:  # scalar broadcast at the front: a column of ones
+            mats.insert(0, OneMatrix(dim_symbol(self.rows), sympy.S.One))
+        if self.factors[-1].cols != self.cols:
+            mats.append(OneMatrix(sympy.S.One, dim_symbol(self.cols)))
+        if self.coefficient != 1:
+            mats.insert(0, self.coefficient)
+        return mats[0] if len(mats) == 1 else sympy.MatMul(*mats)
+
+    def __str__(self) -> str:
+        return sympy.sstr(self.matexpr())
+
+
+def _simplify_chain(chain: Sequence[Factor], rows: Dim, cols: Dim) -> tuple[sympy.Expr, tuple[Factor, ...]]:
+    coeff: sympy.Expr = sympy.S.One
+    out: list[Factor] = []
+    for f in chain:
+        if f.kind != "matrix" and _is_scalar_expr(f.expr):  # type: ignore[arg-type]
+            coeff = coeff * f.expr  # type: ignore[operator]
+            if f.kind == "col":
+                # a broadcast with a scalar value: keep the shape change only if needed
+                continue
+            continue
+        out.append(f)
+    return sympy.factor_terms(coeff), tuple(out)
+
+
+class _Lambdified:
+    """Numeric evaluation of per-unit expressions, lambdified once and cached."""
+
+    def __init__(self) -> None:
+        self._cache: dict[sympy.Expr, tuple[Callable[..., Any], tuple[str, ...]]] = {}
+
+    def __call__(self, expr: sympy.Expr, values: Mapping[str, Any]) -> Any:
+        hit = self._cache.get(expr)
+        if hit is None:
+            syms = tuple(sorted(expr.free_symbols, key=lambda s: s.name))
+            fn = sympy.lambdify(syms, expr, modules=[NUMPY_FUNCTIONS, "numpy"], cse=True)
+            hit = (fn, tuple(s.name for s in syms))
+            self._cache[expr] = hit
+        fn, names = hit
+        return fn(*[values[n] for n in names])
+
+
+_LAMBDIFIED = _Lambdified()
+
+
+def _dense_factor(f: Factor, values: Mapping[str, Any], params: Mapping[str, Any], batch: int, sizes: Mapping[Any, int]) -> Any:
+    if f.kind == "matrix":
+        return np.asarray(params[f.matrix])[None, :, :]
+    v = np.asarray(_LAMBDIFIED(f.expr, values))  # type: ignore[arg-type]
+    d = sizes[f.rows]
+    v = np.broadcast_to(v, (batch, d)) if v.ndim else np.full((batch, d), v)
+    if f.kind == "diag":
+        return v[:, :, None] * np.eye(d, dtype=v.dtype)[None]
+    return v[:, :, None]
+
+
+@dataclass(frozen=True)
+class StructuredJacobian:
+    r"""A Jacobian as a sum of origin-tagged chains.
+
+    ``of`` is the differentiated quantity (an updated state, ``"h'"``), ``wrt`` what
+    it is differentiated with respect to.  ``expr`` is the SymPy matrix expression;
+    print it, ``sympy.latex`` it, or make it explicit for a size with
+    :meth:`as_explicit`.
+    """
+
+    of: str
+    wrt: str
+    terms: tuple[Term, ...]
+    rows: Dim
+    cols: Dim
+
+    @cached_property
+    def expr(self) -> Any:
+        """The Jacobian as a SymPy matrix expression (sum of the terms)."""
+        if not self.terms:
+            return ZeroMatrix(dim_symbol(self.rows), dim_symbol(self.cols))
+        parts = [t.matexpr() for t in self.terms]
+        return parts[0] if len(parts) == 1 else sympy.MatAdd(*parts, evaluate=False)
+
+    def select(self, *origins: str) -> "StructuredJacobian":
+        """The sub-sum of the terms whose origin is in ``origins``."""
+        bad = [o for o in origins if o not in ORIGINS]
+        if bad:
+            raise CellSpecError(f"unknown origin(s) {bad}; origins are {ORIGINS}")
+        return StructuredJacobian(self.of, self.wrt, tuple(t for t in self.terms if t.origin in origins), self.rows, self.cols)
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        return tuple(o for o in ORIGINS if any(t.origin == o for t in self.terms))
+
+    def diagonal_part(self) -> sympy.Expr:
+        """Per-unit expression of the sum of the diagonal (leak) terms."""
+        out: sympy.Expr = sympy.S.Zero
+        for t in self.terms:
+            if t.is_diagonal:
+                out += t.diagonal_expr()
+        return out
+
+    def as_explicit(self, sizes: Mapping[str, int], *, inline: bool = False, cell: Cell | None = None) -> sympy.Matrix:
+        """The explicit matrix for concrete sizes (e.g. ``{"n": 2}``), for checking.
+
+        Vector symbols become ``v[i, 0]`` entries of MatrixSymbols.  With
+        ``inline=True`` (and ``cell``), node symbols are replaced by their defining
+        expressions in terms of leaves, so the result can be compared with a
+        brute-force Jacobian of the explicit update.
+        """
+        sub = {dim_symbol(k): v for k, v in sizes.items()}
+        m = sympy.Matrix(self.expr.subs(sub).as_explicit()) if self.terms else sympy.zeros(
+            *(1 if d == 1 else sizes[d] for d in (self.rows, self.cols))  # type: ignore[index]
+        )
+        if inline:
+            if cell is None:
+                raise ValueError("inline=True needs the cell")
+            m = m.xreplace(explicit_node_values(cell, sizes))
+        return m
+
+    def evaluate(self, values: Mapping[str, Any], params: Mapping[str, Any], sizes: Mapping[Any, int]) -> np.ndarray:
+        """Dense numeric Jacobian ``(B, rows, cols)`` at one step.
+
+        ``values`` maps every leaf and node name to its per-unit values ``(B, d)``
+        (as produced by the reference kernel's step), ``params`` the parameters.
+        """
+        batch = next(np.shape(v)[0] for v in values.values() if np.ndim(v) == 2)
+        r, c = sizes[self.rows], sizes[self.cols]
+        dtype = np.result_type(*[np.asarray(v).dtype for v in values.values()])
+        out = np.zeros((batch, r, c), dtype=dtype)
+        for t in self.terms:
+            coeff = np.asarray(_LAMBDIFIED(t.coefficient, values))
+            coeff = coeff.reshape(coeff.shape[0], 1, 1) if coeff.ndim == 2 else coeff
+            mats = [_dense_factor(f, values, params, batch, sizes) for f in t.factors]
+            if not mats:
+                acc = np.broadcast_to(np.eye(r, c, dtype=dtype) if r == c else np.ones((r, c), dtype), (batch, r, c))
+            else:
+                acc = mats[0]
+                for mm in mats[1:]:
+                    acc = acc @ mm
+                if t.factors[0].rows != t.rows:
+                    acc = np.ones((1, r, 1), dtype) @ acc
+                if t.factors[-1].cols != t.cols:
+                    acc = acc @ np.ones((1, 1, c), dtype)
+            out = out + coeff * acc
+        return out
+
+    # -- display -------------------------------------------------------------
+    def __str__(self) -> str:
+        return f"d{self.of}/d{self.wrt} = " + " + ".join(str(t) for t in self.terms) if self.terms else f"d{self.of}/d{self.wrt} = 0"
+
+    def _repr_latex_(self) -> str:
+        return "$" + self.latex() + "$"
+
+    def latex(self) -> str:
+        """LaTeX of the Jacobian, terms in origin order."""
+        body = " + ".join(sympy.latex(t.matexpr()) for t in self.terms) or "0"
+        return rf"\frac{{\partial {_tex_name(self.of)}}}{{\partial {_tex_name(self.wrt)}}} = {body}"
+
+    def pretty(self) -> str:
+        """Unicode pretty print of ``expr``."""
+        return sympy.pretty(self.expr, use_unicode=True)
+
+    def describe(self) -> str:
+        """One line per term: origin, chain."""
+        lines = [f"d{self.of}/d{self.wrt}:"]
+        for t in self.terms:
+            lines.append(f"  [{t.origin:9s}] {t}")
+        return "\n".join(lines)
+
+
+def _tex_name(name: str) -> str:
+    prime = name.endswith("'")
+    base = name[:-1] if prime else name
+    if base.startswith("vec("):
+        return r"\operatorname{vec}(%s)" % sympy.latex(sympy.Symbol(base[4:-1]))
+    return sympy.latex(sympy.Symbol(base)) + ("'" if prime else "")
+
+
+@dataclass(frozen=True)
+class BlockJacobian:
+    """The block state Jacobian of a multi-state cell: ``blocks[(i, j)] = d state_i' / d state_j``."""
+
+    states: tuple[str, ...]
+    blocks: dict[tuple[str, str], StructuredJacobian]
+
+    def __getitem__(self, key: tuple[str, str]) -> StructuredJacobian:
+        return self.blocks[key]
+
+    @cached_property
+    def expr(self) -> Any:
+        return sympy.BlockMatrix([[self.blocks[(a, b)].expr for b in self.states] for a in self.states])
+
+    @property
+    def terms(self) -> tuple[Term, ...]:
+        return tuple(t for blk in self.blocks.values() for t in blk.terms)
+
+    def __str__(self) -> str:
+        return "\n".join(str(self.blocks[(a, b)]) for a in self.states for b in self.states)
+
+    def describe(self) -> str:
+        return "\n".join(self.blocks[(a, b)].describe() for a in self.states for b in self.states)
+
+    def latex(self) -> str:
+        return "\n".join(self.blocks[(a, b)].latex() for a in self.states for b in self.states)
+
+    def _repr_latex_(self) -> str:
+        return "$" + sympy.latex(self.expr) + "$"
+
+    def evaluate(self, values: Mapping[str, Any], params: Mapping[str, Any], sizes: Mapping[Any, int]) -> np.ndarray:
+        """Dense block Jacobian ``(B, N, N)`` with ``N`` the total state size."""
+        rows = [np.concatenate([self.blocks[(a, b)].evaluate(values, params, sizes) for b in self.states], axis=2) for a in self.states]
+        return np.concatenate(rows, axis=1)
+
+
+@dataclass(frozen=True)
+class ParamJacobian:
+    r"""The immediate parameter Jacobian :math:`\partial^+ s'/\partial\theta` of one state.
+
+    For a matrix parameter ``M`` read by Linear nodes :math:`z_k = M v_k`:
+    :math:`\partial^+ s'/\partial \mathrm{vec}(M) = \sum_k v_k^\top \otimes C_k` with
+    :math:`C_k = \partial s'/\partial z_k` (``pieces[k] = (C_k, v_k)``).  For a vector or
+    scalar parameter, ``pieces`` has one entry ``(C, None)`` and ``C`` is the Jacobian.
+    """
+
+    of: str
+    param: str
+    kind: str
+    pieces: tuple[tuple[StructuredJacobian, UnitSymbol | None], ...]
+
+    @cached_property
+    def expr(self) -> Any:
+        parts = []
+        for C, v in self.pieces:
+            if v is None:
+                parts.append(C.expr)
+            else:
+                parts.append(KroneckerProduct(vector_symbol(v).T, C.expr))
+        if not parts:
+            return sympy.S.Zero
+        return parts[0] if len(parts) == 1 else sympy.MatAdd(*parts, evaluate=False)
+
+    @property
+    def terms(self) -> tuple[Term, ...]:
+        return tuple(t for C, _ in self.pieces for t in C.terms)
+
+    def __str__(self) -> str:
+        wrt = f"vec({self.param})" if self.kind == "matrix" else self.param
+        return f"d+{self.of}/d{wrt} = {sympy.sstr(self.expr)}"
+
+    def latex(self) -> str:
+        wrt = f"vec({self.param})" if self.kind == "matrix" else self.param
+        return rf"\frac{{\partial^+ {_tex_name(self.of)}}}{{\partial {_tex_name(wrt)}}} = {sympy.latex(self.expr)}"
+
+    def _repr_latex_(self) -> str:
+        return "$" + self.latex() + "$"
+
+    def evaluate(self, values: Mapping[str, Any], params: Mapping[str, Any], sizes: Mapping[Any, int]) -> np.ndarray:
+        """Dense ``(B, d_out, *param_shape)``: entry ``[b, i, ...]`` is d s'_i / d theta[...]."""
+        total = None
+        for C, v in self.pieces:
+            dense = C.evaluate(values, params, sizes)  # (B, d_out, r)
+            if v is not None:
+                vv = np.asarray(values[v.name])
+                vv = np.broadcast_to(vv, (dense.shape[0], sizes[v.dim])) if vv.ndim == 2 else np.full((dense.shape[0], sizes[v.dim]), vv)
+                dense = dense[:, :, :, None] * vv[:, None, None, :]
+            else:
+                if dense.shape[2] == 1:
+                    dense = dense[:, :, 0]
+            total = dense if total is None else total + dense
+        assert total is not None
+        return total
+
+
+# ----------------------------------------------------------------------------
+# assembly by path enumeration
+# ----------------------------------------------------------------------------
+
+
+def _factor(owner_dim: Dim, sym_dim: Dim, partial: sympy.Expr) -> Factor:
+    if owner_dim == sym_dim:
+        return Factor("diag", owner_dim, sym_dim, expr=partial)
+    if sym_dim == 1:
+        return Factor("col", owner_dim, 1, expr=partial)
+    raise AssertionError("a per-unit quantity cannot read a wider one")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class _Path:
+    factors: tuple[Factor, ...]
+    nodes: tuple[str, ...]
+    entries: tuple[bool, ...]  # for each matrix crossed: did the reader of the Linear output be a gate?
+
+
+def _walk(lp: LocalPartials, owner: Owner, owner_dim: Dim, targets: frozenset[UnitSymbol], stop_at_linear: bool,
+          memo: dict) -> list[_Path]:
+    key = (owner, targets, stop_at_linear)
+    if key in memo:
+        return memo[key]
+    cell = lp.cell
+    owner_node = cell.node(owner.symbol) if owner.symbol is not None else None
+    owner_is_gate = bool(owner_node is not None and owner_node.is_gate)
+    paths: list[_Path] = []
+    for sym, partial in lp.partials[owner].items():
+        f = _factor(owner_dim, sym.dim, partial)
+        if sym in targets:
+            paths.append(_Path((f,), (), ()))
+            continue
+        nd = cell.node(sym)
+        if nd is None:
+            continue  # a leaf that is not a target
+        if nd.kind == "linear":
+            mat = Factor("matrix", nd.dim, cell.node(nd.source).dim if cell.node(nd.source) else cell.leaf(nd.source).dim,  # type: ignore[union-attr]
+                         matrix=nd.matrix)
+            if stop_at_linear:
+                continue
+            src = nd.source
+            if src in targets:
+                paths.append(_Path((f, mat), (nd.name,), (owner_is_gate,)))
+                continue
+            src_node = cell.node(src)
+            if src_node is None:
+                continue
+            for rest in _walk(lp, Owner(src), src_node.dim, targets, stop_at_linear, memo):
+                paths.append(_Path((f, mat) + rest.factors, (nd.name, src_node.name) + rest.nodes, (owner_is_gate,) + rest.entries))
+        else:
+            for rest in _walk(lp, Owner(sym), nd.dim, targets, stop_at_linear, memo):
+                paths.append(_Path((f,) + rest.factors, (nd.name,) + rest.nodes, rest.entries))
+    memo[key] = paths
+    return paths
+
+
+def _walk_to_linear(lp: LocalPartials, owner: Owner, owner_dim: Dim, linear: UnitSymbol, memo: dict) -> list[_Path]:
+    """Paths from ``owner`` to the output of the Linear node ``linear`` (target treated as a leaf)."""
+    return _walk(lp, owner, owner_dim, frozenset([linear]), False, memo)
+
+
+def _origin(p: _Path) -> str:
+    if not p.entries:
+        return "leak"
+    if p.entries[0]:
+        return "gate"
+    return "reset" if any(p.entries[1:]) else "candidate"
+
+
+def _to_structured(of: str, wrt: str, rows: Dim, cols: Dim, paths: Iterable[_Path]) -> StructuredJacobian:
+    terms = []
+    for p in paths:
+        coeff, factors = _simplify_chain(p.factors, rows, cols)
+        if coeff == 0:
+            continue
+        terms.append(Term(coeff, factors, p.nodes, _origin(p), rows, cols))
+    terms.sort(key=lambda t: ORIGINS.index(t.origin))
+    return StructuredJacobian(of, wrt, tuple(terms), rows, cols)
+
+
+def _state_block(cell: Cell, i: int, j: int, memo: dict) -> StructuredJacobian:
+    lp = local_partials(cell)
+    out_state, in_state = cell.states[i], cell.states[j]
+    paths = _walk(lp, Owner(None, i), out_state.dim, frozenset([in_state.symbol]), False, memo)
+    return _to_structured(out_state.name + "'", in_state.name, out_state.dim, in_state.dim, paths)
+
+
+def jacobian(cell: Cell, of: str | None = None, wrt: str | None = None) -> Any:
+    r"""The exact state Jacobian :math:`\partial s'/\partial s` of ``cell``.
+
+    For a one-state cell, a :class:`StructuredJacobian`; for a multi-state cell, a
+    :class:`BlockJacobian` (or one block, given ``of`` and ``wrt`` state names).
+    Derived once per cell and cached.
+
+    >>> import symgate as sg
+    >>> print(sg.jacobian(sg.cells.leaky(bias=False)))
+    dh'/dh = (1 - alpha)*I + alpha*diag(1 - phi**2)*W
+    """
+    if not isinstance(cell, Cell):
+        raise CellSpecError(f"expected a symgate Cell, got {type(cell).__name__}")
+    names = cell.state_names
+    for nm in (of, wrt):
+        if nm is not None and nm not in names:
+            raise CellSpecError(f"{nm!r} is not a state of cell {cell.name!r}; states are {names}")
+    cache = cell._index
+    key = ("derive", "jacobian")
+    if key not in cache:
+        memo: dict = {}
+        blocks = {(a.name, b.name): _state_block(cell, i, j, memo) for i, a in enumerate(cell.states) for j, b in enumerate(cell.states)}
+        if all(not blk.terms for blk in blocks.values()):
+            raise StateIndependenceError(f"cell {cell.name!r}: the update does not depend on the state")
+        cache[key] = BlockJacobian(names, blocks)
+    bj: BlockJacobian = cache[key]
+    if of is not None or wrt is not None:
+        return bj[(of or names[0], wrt or names[0])]
+    if len(names) == 1:
+        return bj[(names[0], names[0])]
+    return bj
+
+
+def parameter_jacobian(cell: Cell, param: str, of: str | None = None) -> ParamJacobian:
+    r"""The immediate Jacobian :math:`\partial^+ s'/\partial\theta` of a state update w.r.t. a parameter.
+
+    "Immediate" means the previous state is held fixed (no propagation through time).
+
+    >>> import symgate as sg
+    >>> print(sg.parameter_jacobian(sg.cells.leaky(bias=False), "W"))
+    d+h'/dvec(W) = KroneckerProduct(h.T, alpha*diag(1 - phi**2))
+    """
+    if param not in cell.param_names:
+        raise CellSpecError(f"{param!r} is not a parameter of cell {cell.name!r}; parameters are {cell.param_names}")
+    names = cell.state_names
+    of = of or names[0]
+    if of not in names:
+        raise CellSpecError(f"{of!r} is not a state of cell {cell.name!r}; states are {names}")
+    cache = cell._index
+    key = ("derive", "param", param, of)
+    if key in cache:
+        return cache[key]
+    i = names.index(of)
+    st = cell.states[i]
+    lp = local_partials(cell)
+    memo: dict = {}
+    p = next(pp for pp in cell.params if pp.name == param)
+    pieces: list[tuple[StructuredJacobian, UnitSymbol | None]] = []
+    if p.kind == "matrix":
+        for nd in cell.nodes:
+            if nd.kind == "linear" and nd.matrix == param:
+                paths = _walk_to_linear(lp, Owner(None, i), st.dim, nd.symbol, memo)
+                C = _to_structured(of + "'", nd.name, st.dim, nd.dim, paths)
+                if C.terms:
+                    pieces.append((C, nd.source))
+    else:
+        lf = cell.leaf(param)
+        paths = _walk(lp, Owner(None, i), st.dim, frozenset([lf.symbol]), False, memo)  # type: ignore[union-attr]
+        C = _to_structured(of + "'", param, st.dim, lf.dim, paths)  # type: ignore[union-attr]
+        if C.terms:
+            pieces.append((C, None))
+    pj = ParamJacobian(of + "'", param, p.kind, tuple(pieces))
+    cache[key] = pj
+    return pj
+
+
+def parameter_jacobians(cell: Cell, of: str | None = None) -> dict[str, ParamJacobian]:
+    """:func:`parameter_jacobian` for every parameter, by name."""
+    return {p: parameter_jacobian(cell, p, of) for p in cell.param_names}
+
+
+def explicit_node_values(cell: Cell, sizes: Mapping[str, int]) -> dict[Any, sympy.Expr]:
+    """Map each node entry ``v[i, 0]`` (explicit, concrete sizes) to its value in terms of leaves."""
+    size_of = {k: v for k, v in sizes.items()}
+
+    def vec(sym: UnitSymbol) -> Any:
+        if sym.dim == 1:
+            return sympy.Matrix([[sym]])
+        return sympy.Matrix(MatrixSymbol(sym.name, size_of[sym.dim], 1))  # type: ignore[index]
+
+    values: dict[UnitSymbol, sympy.Matrix] = {}
+    for lf in cell.leaves:
+        values[lf.symbol] = vec(lf.symbol)
+
+    def entrywise(expr: sympy.Expr, dim: Dim) -> sympy.Matrix:
+        d = 1 if dim == 1 else size_of[dim]  # type: ignore[index]
+        rows = []
+        for i in range(d):
+            rep = {s: (values[s][i, 0] if values[s].shape[0] > 1 else values[s][0, 0]) for s in expr.free_symbols}
+            rows.append(expr.xreplace(rep))
+        return sympy.Matrix(rows)
+
+    for nd in cell.nodes:
+        if nd.kind == "linear":
+            M = sympy.Matrix(MatrixSymbol(nd.matrix, *[1 if d == 1 else size_of[d] for d in  # type: ignore[index]
+                                                      next(p.shape for p in cell.params if p.name == nd.matrix)]))
+            values[nd.symbol] = M * values[nd.source]  # type: ignore[index]
+        else:
+            values[nd.symbol] = entrywise(nd.expr, nd.dim)
+    rep: dict[Any, sympy.Expr] = {}
+    for nd in cell.nodes:
+        v = values[nd.symbol]
+        if nd.dim == 1:
+            rep[nd.symbol] = v[0, 0]
+        else:
+            for i in range(v.shape[0]):
+                rep[MatrixSymbol(nd.name, size_of[nd.dim], 1)[i, 0]] = v[i, 0]  # type: ignore[index]
+    return rep
+
+
+def explicit_update(cell: Cell, sizes: Mapping[str, int]) -> list[sympy.Matrix]:
+    """The updated states as explicit column matrices in terms of leaves (for checking)."""
+    rep = explicit_node_values(cell, sizes)
+    outs = []
+    for st, o in zip(cell.states, cell.outputs):
+        d = 1 if st.dim == 1 else sizes[st.dim]  # type: ignore[index]
+        from ._matexpr import unit_entry
+
+        col = [unit_entry(o, i, {dim_symbol(k): v for k, v in sizes.items()}).xreplace(rep) for i in range(d)]
+        col = [c.xreplace(rep) for c in col]
+        outs.append(sympy.Matrix(col))
+    return outs
