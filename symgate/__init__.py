@@ -7,3 +7,6 @@ from ._errors import *  # noqa: F401,F403
 from . import cells as cells
 from ._derive import jacobian as jacobian, parameter_jacobian as parameter_jacobian
 from ._derive import parameter_jacobians as parameter_jacobians
+from ._reference import ReferenceKernel as ReferenceKernel, reference_kernel as reference_kernel
+from ._reference import Trajectory as Trajectory, Gradients as Gradients
+from . import losses as losses
