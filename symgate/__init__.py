@@ -10,3 +10,4 @@ from ._derive import parameter_jacobians as parameter_jacobians
 from ._reference import ReferenceKernel as ReferenceKernel, reference_kernel as reference_kernel
 from ._reference import Trajectory as Trajectory, Gradients as Gradients
 from . import losses as losses
+from . import testing as testing

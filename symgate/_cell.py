@@ -261,13 +261,14 @@ class Node:
     matrix: str | None = None
     source: UnitSymbol | None = None
     named_by_user: bool = False
+    marked_gate: bool = False
 
     @property
     def is_gate(self) -> bool:
-        """True for a logistic (sigmoid) node: a gate with values in (0, 1)."""
+        """True for a logistic (sigmoid) node, or a node marked with ``.as_gate()``."""
         from ._functions import Sigmoid
 
-        return self.kind == "fn" and self.func is Sigmoid
+        return self.marked_gate or (self.kind == "fn" and self.func is Sigmoid)
 
 
 class _Builder:
@@ -411,6 +412,22 @@ class Var:
         sym = b.new_symbol(self.dim)
         node = Node(name=sym.name, kind="fn", symbol=sym, dim=self.dim, expr=func(self.expr), func=func, arg=self.expr)
         return b.add(node)
+
+    def as_gate(self) -> "Var":
+        """Mark this quantity as a gate (sigmoid nodes are gates already).
+
+        Gates decide the origin labels of Jacobian terms: a path that reaches the
+        recurrent weights through a gate is a ``gate`` term.  Use this for gates
+        written another way, e.g. a retention ``exp(-softplus(a))``.
+        """
+        b = self._b
+        if not (isinstance(self.expr, UnitSymbol) and self.expr in b.by_symbol):
+            v = b.add(Node(name="", kind="arith", symbol=b.new_symbol(self.dim), dim=self.dim, expr=self.expr))
+        else:
+            v = self
+        b.gate_marks = getattr(b, "gate_marks", set())  # type: ignore[attr-defined]
+        b.gate_marks.add(v.expr)  # type: ignore[attr-defined]
+        return v
 
     def named(self, name: str) -> "Var":
         """Give this quantity a display name (same as assigning it to a local)."""
@@ -815,6 +832,7 @@ def make_cell(
                 arg=None if nd.arg is None else nd.arg.xreplace(rename),
                 matrix=nd.matrix,
                 source=None if nd.source is None else rename.get(nd.source, nd.source),
+                marked_gate=nd.symbol in getattr(b, "gate_marks", ()),
                 named_by_user=nd.symbol in explicit or any(
                     isinstance(v, Var) and v.expr == nd.symbol for k, v in local_vars.items() if k not in argnames
                 ),

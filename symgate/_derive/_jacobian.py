@@ -350,6 +350,8 @@ class ParamJacobian:
     param: str
     kind: str
     pieces: tuple[tuple[StructuredJacobian, UnitSymbol | None], ...]
+    rows: Dim = "n"
+    shape: tuple[Dim, ...] = ()
 
     @cached_property
     def expr(self) -> Any:
@@ -360,7 +362,8 @@ class ParamJacobian:
             else:
                 parts.append(KroneckerProduct(vector_symbol(v).T, C.expr))
         if not parts:
-            return sympy.S.Zero
+            cols = sympy.Mul(*[dim_symbol(d) for d in self.shape])
+            return ZeroMatrix(dim_symbol(self.rows), cols)
         return parts[0] if len(parts) == 1 else sympy.MatAdd(*parts, evaluate=False)
 
     @property
@@ -380,7 +383,9 @@ class ParamJacobian:
 
     def evaluate(self, values: Mapping[str, Any], params: Mapping[str, Any], sizes: Mapping[Any, int]) -> np.ndarray:
         """Dense ``(B, d_out, *param_shape)``: entry ``[b, i, ...]`` is d s'_i / d theta[...]."""
-        total = None
+        batch = next(np.shape(v)[0] for v in values.values() if np.ndim(v) == 2)
+        dtype = np.result_type(*[np.asarray(v).dtype for v in values.values()])
+        total = np.zeros((batch, sizes[self.rows], *[sizes[d] for d in self.shape]), dtype=dtype)
         for C, v in self.pieces:
             dense = C.evaluate(values, params, sizes)  # (B, d_out, r)
             if v is not None:
@@ -390,8 +395,7 @@ class ParamJacobian:
             else:
                 if dense.shape[2] == 1:
                     dense = dense[:, :, 0]
-            total = dense if total is None else total + dense
-        assert total is not None
+            total = total + dense
         return total
 
 
@@ -412,7 +416,9 @@ def _factor(owner_dim: Dim, sym_dim: Dim, partial: sympy.Expr) -> Factor:
 class _Path:
     factors: tuple[Factor, ...]
     nodes: tuple[str, ...]
-    entries: tuple[bool, ...]  # for each matrix crossed: did the reader of the Linear output be a gate?
+    # one flag per matrix crossed: does the segment of the path that leads to this
+    # matrix (from the output or the previous matrix) pass through a gate?
+    entries: tuple[bool, ...]
 
 
 def _walk(lp: LocalPartials, owner: Owner, owner_dim: Dim, targets: frozenset[UnitSymbol], stop_at_linear: bool,
@@ -433,22 +439,25 @@ def _walk(lp: LocalPartials, owner: Owner, owner_dim: Dim, targets: frozenset[Un
         if nd is None:
             continue  # a leaf that is not a target
         if nd.kind == "linear":
-            mat = Factor("matrix", nd.dim, cell.node(nd.source).dim if cell.node(nd.source) else cell.leaf(nd.source).dim,  # type: ignore[union-attr]
-                         matrix=nd.matrix)
             if stop_at_linear:
                 continue
             src = nd.source
+            src_node = cell.node(src)
+            src_dim = src_node.dim if src_node is not None else cell.leaf(src).dim  # type: ignore[union-attr]
+            mat = Factor("matrix", nd.dim, src_dim, matrix=nd.matrix)
             if src in targets:
                 paths.append(_Path((f, mat), (nd.name,), (owner_is_gate,)))
                 continue
-            src_node = cell.node(src)
             if src_node is None:
                 continue
             for rest in _walk(lp, Owner(src), src_node.dim, targets, stop_at_linear, memo):
                 paths.append(_Path((f, mat) + rest.factors, (nd.name, src_node.name) + rest.nodes, (owner_is_gate,) + rest.entries))
         else:
             for rest in _walk(lp, Owner(sym), nd.dim, targets, stop_at_linear, memo):
-                paths.append(_Path((f,) + rest.factors, (nd.name,) + rest.nodes, rest.entries))
+                entries = rest.entries
+                if entries and owner_is_gate:
+                    entries = (True,) + entries[1:]
+                paths.append(_Path((f,) + rest.factors, (nd.name,) + rest.nodes, entries))
     memo[key] = paths
     return paths
 
@@ -555,7 +564,7 @@ def parameter_jacobian(cell: Cell, param: str, of: str | None = None) -> ParamJa
         C = _to_structured(of + "'", param, st.dim, lf.dim, paths)  # type: ignore[union-attr]
         if C.terms:
             pieces.append((C, None))
-    pj = ParamJacobian(of + "'", param, p.kind, tuple(pieces))
+    pj = ParamJacobian(of + "'", param, p.kind, tuple(pieces), st.dim, p.shape)
     cache[key] = pj
     return pj
 

@@ -1,0 +1,492 @@
+r"""The verification battery: independent routes to the same derivatives must agree.
+
+For one cell and one random *problem* (sizes, parameters, inputs, initial state,
+readout), each check compares two routes and returns a :class:`CheckResult`
+with the observed error, the tolerance, and whether it passed.
+
+Tolerances are derived from the dtype's machine epsilon and the error order of
+each method; they are stated here once and never loosened to make a check pass.
+Errors are *normalised* so that cancellation in a sum cannot make a correct
+result look wrong: a directional derivative is compared relative to the sum of
+the absolute values of its contributions, a matrix relative to ``max(1, max|J|)``.
+
+=================  ===========================================  ===============================
+check              routes compared                              tolerance (float64)
+=================  ===========================================  ===============================
+``jacobian``       structured symbolic Jacobians (state and     ``C_FD * eps**(2/3)``: central
+                   immediate parameter), lambdified  vs         differences with step
+                   central differences of one forward step      ``eps**(1/3) max(1,|v|)`` have
+                                                                truncation ``O(h^2)`` + rounding
+                                                                ``O(eps/h)``, both ``eps**(2/3)``
+``bptt_cs``        BPTT gradient vs complex-step derivative     ``C_ROUND * (T+1) * eps``: the
+                   of the loss (``h = 1e-30``: exact to         complex step has no truncation
+                   rounding for analytic cells)                 error at this ``h``; rounding
+                                                                grows with the number of steps
+``bptt_fd``        BPTT gradient vs central differences of      ``C_FD * eps**(2/3)``
+                   the loss along a random direction
+``adjoint``        ``<J u, v>`` (forward-mode JVP) vs           ``C_ROUND * (T+1) * eps``
+                   ``<u, J^T v>`` (BPTT / VJP)
+``mpmath``         every local partial evaluated in float64     ``C_ROUND * eps``: one
+                   from forward values vs mpmath numerical      elementwise expression of O(1)
+                   differentiation at 50 digits of the          values, no accumulation
+                   defining expression
+``float32``        float32 kernels vs float64 kernels on the    ``C_ROUND * (T+1) * eps32``
+                   same (float32-representable) problem
+=================  ===========================================  ===============================
+
+``C_FD = 100`` bounds the constants of the finite-difference error (third
+derivatives of cells with spectrally scaled weights, ``rho <= 1.2``, are below
+``(1 + rho)^3 * O(1)``); ``C_ROUND = 64`` bounds the number of rounding errors per
+step and unit that accumulate into one result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import sympy
+
+from .._cell import Cell, Dim
+from .._derive._local import Owner, local_partials
+from .._errors import VerificationError
+from .._functions import MPMATH_FUNCTIONS, NUMPY_FUNCTIONS
+from .._reference import ReferenceKernel, reference_kernel
+from ..losses import LastMSE, StepMSE
+
+__all__ = [
+    "Problem",
+    "CheckResult",
+    "VerificationReport",
+    "draw_problem",
+    "CHECKS",
+    "check_jacobian",
+    "check_bptt_complex_step",
+    "check_bptt_finite_difference",
+    "check_adjoint",
+    "check_mpmath",
+    "check_float32",
+    "verify",
+    "EPS64",
+    "EPS32",
+    "C_FD",
+    "C_ROUND",
+]
+
+EPS64 = float(np.finfo(np.float64).eps)
+EPS32 = float(np.finfo(np.float32).eps)
+C_FD = 100.0
+C_ROUND = 64.0
+TOL_FD = C_FD * EPS64 ** (2.0 / 3.0)
+CS_STEP = 1e-30
+
+
+# ----------------------------------------------------------------------------
+# problems
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    """One concrete instance on which a cell is checked (float64 arrays)."""
+
+    cell: Cell
+    sizes: dict[Dim, int]
+    params: dict[str, np.ndarray]
+    x: np.ndarray
+    h0: dict[str, np.ndarray]
+    V: np.ndarray
+    y_last: np.ndarray
+    y_step: np.ndarray
+    seed: int = 0
+
+    @property
+    def T(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def B(self) -> int:
+        return self.x.shape[1]
+
+    def loss(self, kind: str, dtype: Any = np.float64) -> LastMSE | StepMSE:
+        V = self.V.astype(dtype)
+        if kind == "last":
+            return LastMSE(V, self.y_last.astype(dtype))
+        return StepMSE(V, self.y_step.astype(dtype))
+
+    def describe(self) -> str:
+        dims = ", ".join(f"{k}={v}" for k, v in self.sizes.items() if k != 1)
+        return f"{self.cell.name} [{dims}, B={self.B}, T={self.T}, seed={self.seed}]"
+
+
+def _matrix(rng: np.random.Generator, shape: tuple[int, ...], rho: float) -> np.ndarray:
+    a = rng.standard_normal(shape)
+    s = np.linalg.norm(a, 2)
+    return np.ascontiguousarray(a * (rho / s)) if s > 0 else a
+
+
+def draw_problem(
+    cell: Cell,
+    rng: np.random.Generator | int,
+    *,
+    n: int | None = None,
+    m: int | None = None,
+    B: int | None = None,
+    T: int | None = None,
+    rho: float | None = None,
+    outputs: int = 2,
+) -> Problem:
+    """A random problem for ``cell``: sizes (small by default), spectrally scaled weights.
+
+    Every matrix is scaled to spectral norm ``rho * U(0.5, 1)`` (``rho`` drawn in
+    [0.3, 1.2] unless given), so Jacobian products stay bounded; vectors and scalars
+    are N(0, 0.5^2); inputs N(0, 1); initial states U(-0.5, 0.5).
+    """
+    seed = None
+    if not isinstance(rng, np.random.Generator):
+        seed = int(rng)
+        rng = np.random.default_rng(seed)
+    sizes: dict[Dim, int] = {1: 1}
+    given = {"n": n, "m": m}
+    for d in cell.dims():
+        v = given.get(d)
+        sizes[d] = int(v) if v is not None else int(rng.integers(1, 6 if d != "m" else 4))
+    B = int(B) if B is not None else int(rng.integers(1, 4))
+    T = int(T) if T is not None else int(rng.integers(1, 7))
+    rho = float(rho) if rho is not None else float(rng.uniform(0.3, 1.2))
+    params: dict[str, np.ndarray] = {}
+    for p in cell.params:
+        shape = tuple(sizes[d] for d in p.shape)
+        if p.kind == "matrix":
+            params[p.name] = _matrix(rng, shape, rho * float(rng.uniform(0.5, 1.0)))
+        else:
+            params[p.name] = np.array(0.5 * rng.standard_normal(shape))
+    m_ = sizes[cell.inputs[0].dim]
+    x = rng.standard_normal((T, B, m_))
+    h0 = {s.name: rng.uniform(-0.5, 0.5, (B, sizes[s.dim])) for s in cell.states}
+    n_out = sizes[cell.states[0].dim]
+    V = rng.standard_normal((outputs, n_out)) / np.sqrt(n_out)
+    y_last = rng.standard_normal((B, outputs))
+    y_step = rng.standard_normal((T, B, outputs))
+    return Problem(cell, sizes, params, x, h0, V, y_last, y_step, seed if seed is not None else -1)
+
+
+# ----------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class CheckResult:
+    """Outcome of one check on one problem."""
+
+    check: str
+    error: float
+    tolerance: float
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.error) and self.error <= self.tolerance)
+
+    @property
+    def ratio(self) -> float:
+        return self.error / self.tolerance if np.isfinite(self.error) else np.inf
+
+
+@dataclass
+class VerificationReport:
+    """All check results for one cell; ``worst[check]`` is the result closest to failing."""
+
+    cell: str
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def worst(self) -> dict[str, CheckResult]:
+        out: dict[str, CheckResult] = {}
+        for r in self.results:
+            if r.check not in out or r.ratio > out[r.check].ratio:
+                out[r.check] = r
+        return out
+
+    def failures(self) -> list[CheckResult]:
+        return [r for r in self.results if not r.passed]
+
+    def summary(self) -> str:
+        lines = [f"{self.cell}: {'PASS' if self.passed else 'FAIL'}"]
+        for name, r in self.worst.items():
+            lines.append(f"  {name:10s} worst error {r.error:.2e}  (tolerance {r.tolerance:.1e})  {r.detail}")
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> None:
+        if not self.passed:
+            lines = [f"{r.check}: error {r.error:.3e} > tolerance {r.tolerance:.3e}; {r.detail}" for r in self.failures()]
+            raise VerificationError(f"cell {self.cell!r} failed verification:\n  " + "\n  ".join(lines))
+
+
+# ----------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------
+
+
+def _kernels(cell: Cell) -> tuple[ReferenceKernel, ReferenceKernel, ReferenceKernel]:
+    return reference_kernel(cell, "float64"), reference_kernel(cell, "complex128"), reference_kernel(cell, "float32")
+
+
+def _flat_states(cell: Cell, st: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([st[s.name] for s in cell.states], axis=-1)
+
+
+def _unflat_states(cell: Cell, v: np.ndarray, sizes: Mapping[Dim, int]) -> dict[str, np.ndarray]:
+    out, o = {}, 0
+    for s in cell.states:
+        d = sizes[s.dim]
+        out[s.name] = np.ascontiguousarray(v[..., o:o + d])
+        o += d
+    return out
+
+
+def _random_like(rng: np.random.Generator, tree: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.array(rng.standard_normal(np.shape(v))) for k, v in tree.items()}
+
+
+def _fd_step(v: np.ndarray) -> np.ndarray:
+    return EPS64 ** (1.0 / 3.0) * np.maximum(1.0, np.abs(v))
+
+
+# ----------------------------------------------------------------------------
+# checks
+# ----------------------------------------------------------------------------
+
+
+def check_jacobian(prob: Problem) -> CheckResult:
+    """Structured state and parameter Jacobians (lambdified) vs central differences of one step."""
+    cell, k = prob.cell, reference_kernel(prob.cell, "float64")
+    x1 = np.ascontiguousarray(prob.x[:1])
+
+    def step(params: Mapping[str, np.ndarray], h0: Mapping[str, np.ndarray]) -> np.ndarray:
+        return _flat_states(cell, {s: v[0] for s, v in k.forward(params, x1, h0).states.items()})
+
+    worst, where = 0.0, ""
+    J = k.jacobian(prob.params, prob.x[0], prob.h0)
+    flat = _flat_states(cell, prob.h0)
+    Jfd = np.empty_like(J)
+    for j in range(flat.shape[1]):
+        hstep = _fd_step(flat[:, j])
+        e = np.zeros_like(flat)
+        e[:, j] = hstep
+        up = step(prob.params, _unflat_states(cell, flat + e, prob.sizes))
+        dn = step(prob.params, _unflat_states(cell, flat - e, prob.sizes))
+        Jfd[:, :, j] = (up - dn) / (2 * hstep[:, None])
+    err = float(np.max(np.abs(J - Jfd)) / max(1.0, float(np.max(np.abs(J)))))
+    worst, where = err, "state Jacobian"
+    for p in cell.params:
+        for of in cell.state_names:
+            Pj = k.parameter_jacobian(prob.params, prob.x[0], prob.h0, p.name, of)
+            theta = prob.params[p.name]
+            fd = np.empty_like(Pj)
+            idx_state = cell.state_names.index(of)
+            off = sum(prob.sizes[s.dim] for s in cell.states[:idx_state])
+            d_of = prob.sizes[cell.states[idx_state].dim]
+            for idx in np.ndindex(theta.shape):
+                hstep = float(_fd_step(np.asarray(theta[idx])))
+                tp, tm = theta.copy(), theta.copy()
+                tp[idx] += hstep
+                tm[idx] -= hstep
+                up = step({**prob.params, p.name: tp}, prob.h0)[:, off:off + d_of]
+                dn = step({**prob.params, p.name: tm}, prob.h0)[:, off:off + d_of]
+                fd[(slice(None), slice(None)) + idx] = (up - dn) / (2 * hstep)
+            e = float(np.max(np.abs(Pj - fd)) / max(1.0, float(np.max(np.abs(Pj)))))
+            if e > worst:
+                worst, where = e, f"d{of}'/d{p.name}"
+    return CheckResult("jacobian", worst, TOL_FD, f"worst at {where}; {prob.describe()}")
+
+
+def _direction(prob: Problem, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    return _random_like(rng, prob.params), _random_like(rng, prob.h0), rng.standard_normal(prob.x.shape)
+
+
+def _directional(g: Any, dp: Mapping[str, np.ndarray], dh: Mapping[str, np.ndarray], dx: np.ndarray) -> tuple[float, float]:
+    """<grad, direction> and the sum of absolute contributions (for normalising)."""
+    parts = [g.params[k] * dp[k] for k in dp] + [g.h0[k] * dh[k] for k in dh] + [g.x * dx]
+    return float(sum(np.sum(p) for p in parts)), float(sum(np.sum(np.abs(p)) for p in parts))
+
+
+def check_bptt_complex_step(prob: Problem, loss: str = "last") -> CheckResult:
+    """BPTT gradient vs the complex-step derivative of the loss along a random direction."""
+    k, kc = reference_kernel(prob.cell, "float64"), reference_kernel(prob.cell, "complex128")
+    rng = np.random.default_rng(abs(prob.seed) + 17)
+    dp, dh, dx = _direction(prob, rng)
+    g = k.backward(prob.params, prob.x, prob.h0, loss=prob.loss(loss))
+    an, scale = _directional(g, dp, dh, dx)
+    pc = {n: prob.params[n] + 1j * CS_STEP * dp[n] for n in prob.params}
+    hc = {n: prob.h0[n] + 1j * CS_STEP * dh[n] for n in prob.h0}
+    xc = prob.x + 1j * CS_STEP * dx
+    traj = kc.forward(pc, xc, hc)
+    val = prob.loss(loss, np.complex128).evaluate(traj.h)[0]
+    cs = float(np.imag(val)) / CS_STEP
+    err = abs(an - cs) / max(scale, np.finfo(float).tiny)
+    return CheckResult("bptt_cs", err, C_ROUND * (prob.T + 1) * EPS64, f"{loss}-state loss; {prob.describe()}")
+
+
+def check_bptt_finite_difference(prob: Problem, loss: str = "last") -> CheckResult:
+    """BPTT gradient vs central differences of the loss along a random direction."""
+    k = reference_kernel(prob.cell, "float64")
+    rng = np.random.default_rng(abs(prob.seed) + 29)
+    dp, dh, dx = _direction(prob, rng)
+    L = prob.loss(loss)
+    g = k.backward(prob.params, prob.x, prob.h0, loss=L)
+    an, scale = _directional(g, dp, dh, dx)
+    size = max([1.0] + [float(np.max(np.abs(v))) for v in [*prob.params.values(), *prob.h0.values(), prob.x]])
+    dirmax = max(float(np.max(np.abs(v))) for v in [*dp.values(), *dh.values(), dx])
+    hstep = EPS64 ** (1.0 / 3.0) * size / dirmax
+
+    def f(s: float) -> float:
+        p = {n: prob.params[n] + s * dp[n] for n in prob.params}
+        h = {n: prob.h0[n] + s * dh[n] for n in prob.h0}
+        return float(L.evaluate(k.forward(p, prob.x + s * dx, h).h)[0])
+
+    fd = (f(hstep) - f(-hstep)) / (2 * hstep)
+    err = abs(an - fd) / max(scale, abs(g.value) * size / dirmax, np.finfo(float).tiny)
+    return CheckResult("bptt_fd", err, TOL_FD, f"{loss}-state loss; {prob.describe()}")
+
+
+def check_adjoint(prob: Problem) -> CheckResult:
+    """Dot-product test between forward mode (JVP) and reverse mode (BPTT/VJP)."""
+    k = reference_kernel(prob.cell, "float64")
+    rng = np.random.default_rng(abs(prob.seed) + 41)
+    dp, dh, dx = _direction(prob, rng)
+    cot = {s.name: rng.standard_normal((prob.T, prob.B, prob.sizes[s.dim])) for s in prob.cell.states}
+    tangents: dict[str, Any] = dict(dp)
+    tangents["h0"] = dh
+    tangents["x"] = dx
+    jv = k.jvp(prob.params, prob.x, prob.h0, tangents)
+    lhs_parts = [jv[s] * cot[s] for s in cot]
+    lhs = float(sum(np.sum(p) for p in lhs_parts))
+    g = k.vjp(prob.params, prob.x, prob.h0, cot)
+    rhs, scale = _directional(g, dp, dh, dx)
+    scale = max(scale, float(sum(np.sum(np.abs(p)) for p in lhs_parts)), np.finfo(float).tiny)
+    return CheckResult("adjoint", abs(lhs - rhs) / scale, C_ROUND * (prob.T + 1) * EPS64, prob.describe())
+
+
+def check_mpmath(prob: Problem, points: int = 2) -> CheckResult:
+    """Each local partial, in float64 from forward values, vs mpmath 50-digit numerical differentiation."""
+    import mpmath
+
+    cell = prob.cell
+    k = reference_kernel(cell, "float64")
+    vals = k.step_values(prob.params, prob.x[0], prob.h0)
+    lp = local_partials(cell)
+    rng = np.random.default_rng(abs(prob.seed) + 53)
+    worst, where = 0.0, ""
+    with mpmath.workdps(50):
+        for owner, parts in lp.partials.items():
+            expr = lp.expr[owner]
+            syms = sorted(expr.free_symbols, key=lambda s: s.name)
+            f_mp = sympy.lambdify(syms, expr, modules=[MPMATH_FUNCTIONS, "mpmath"])
+            for sym, partial in parts.items():
+                psyms = sorted(partial.free_symbols, key=lambda s: s.name)
+                f64 = sympy.lambdify(psyms, partial, modules=[NUMPY_FUNCTIONS, "numpy"])
+                for _ in range(points):
+                    b = int(rng.integers(prob.B))
+
+                    def at(name: str, unit: int) -> float:
+                        v = np.asarray(vals[name])
+                        if v.ndim == 0:
+                            return float(v)
+                        v = v.reshape(-1) if v.ndim == 1 else v[b]
+                        return float(v[unit % v.shape[-1]])
+
+                    d = prob.sizes[lp.dim[owner]]
+                    unit = int(rng.integers(d))
+                    point = {s.name: at(s.name, unit) for s in set(syms) | set(psyms)}
+                    x0 = mpmath.mpf(point[sym.name])
+
+                    def fun(t: Any, _syms: Sequence[Any] = syms, _s: Any = sym) -> Any:
+                        return f_mp(*[t if s == _s else mpmath.mpf(point[s.name]) for s in _syms])
+
+                    true = mpmath.diff(fun, x0)
+                    got = float(f64(*[point[s.name] for s in psyms]))
+                    e = abs(float(true) - got) / max(1.0, abs(got))
+                    if e > worst:
+                        name = "out" if owner.symbol is None else owner.symbol.name
+                        worst, where = e, f"d{name}/d{sym.name}"
+    return CheckResult("mpmath", worst, C_ROUND * EPS64, f"worst at {where}; {prob.describe()}")
+
+
+def check_float32(prob: Problem) -> CheckResult:
+    """float32 kernels vs float64 kernels on the same float32-representable problem."""
+    cell = prob.cell
+    k64, k32 = reference_kernel(cell, "float64"), reference_kernel(cell, "float32")
+    f32 = lambda a: np.array(a, dtype=np.float32)  # noqa: E731  (np.array keeps 0-d arrays 0-d)
+    p32 = {n: f32(v) for n, v in prob.params.items()}
+    h32 = {n: f32(v) for n, v in prob.h0.items()}
+    x32 = f32(prob.x)
+    p64 = {n: v.astype(np.float64) for n, v in p32.items()}
+    h64 = {n: v.astype(np.float64) for n, v in h32.items()}
+    x64 = x32.astype(np.float64)
+    L32 = LastMSE(f32(prob.V), f32(prob.y_last))
+    L64 = LastMSE(f32(prob.V).astype(np.float64), f32(prob.y_last).astype(np.float64))
+    t32, t64 = k32.forward(p32, x32, h32), k64.forward(p64, x64, h64)
+    worst, where = 0.0, ""
+    for s in cell.state_names:
+        e = float(np.max(np.abs(t32.states[s] - t64.states[s])) / max(1.0, float(np.max(np.abs(t64.states[s])))))
+        if e > worst:
+            worst, where = e, f"state {s}"
+    g32, g64 = k32.backward(p32, x32, h32, loss=L32), k64.backward(p64, x64, h64, loss=L64)
+    gscale = max([1e-300] + [float(np.max(np.abs(v))) for v in g64.params.values()])
+    for n in g64.params:
+        e = float(np.max(np.abs(g32.params[n] - g64.params[n]))) / gscale
+        if e > worst:
+            worst, where = e, f"gradient {n}"
+    return CheckResult("float32", worst, C_ROUND * (prob.T + 1) * EPS32, f"worst at {where}; {prob.describe()}")
+
+
+CHECKS: dict[str, Callable[[Problem], CheckResult]] = {
+    "jacobian": check_jacobian,
+    "bptt_cs": lambda p: max((check_bptt_complex_step(p, "last"), check_bptt_complex_step(p, "step")), key=lambda r: r.ratio),
+    "bptt_fd": lambda p: max((check_bptt_finite_difference(p, "last"), check_bptt_finite_difference(p, "step")), key=lambda r: r.ratio),
+    "adjoint": check_adjoint,
+    "mpmath": check_mpmath,
+    "float32": check_float32,
+}
+
+
+def verify(
+    cell: Cell,
+    *,
+    examples: int = 4,
+    seed: int = 0,
+    checks: Iterable[str] | None = None,
+    raise_on_failure: bool = True,
+    problems: Iterable[Problem] | None = None,
+) -> VerificationReport:
+    """Run the verification battery on ``cell`` and return a :class:`VerificationReport`.
+
+    ``examples`` random problems are drawn from ``seed`` (or pass ``problems``).
+    With ``raise_on_failure`` (the default) a failed check raises
+    :class:`~symgate.VerificationError` listing every failure, so the call can sit
+    directly in a user's test suite:
+
+    >>> import symgate as sg
+    >>> sg.testing.verify(sg.cells.leaky(), examples=1).passed
+    True
+    """
+    names = list(CHECKS) if checks is None else list(checks)
+    unknown = [c for c in names if c not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown check(s) {unknown}; available: {list(CHECKS)}")
+    report = VerificationReport(cell.name)
+    if problems is None:
+        problems = [draw_problem(cell, seed * 1_000_003 + i) for i in range(examples)]
+    for prob in problems:
+        for c in names:
+            report.results.append(CHECKS[c](prob))
+    if raise_on_failure:
+        report.raise_if_failed()
+    return report
