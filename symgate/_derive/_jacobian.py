@@ -372,7 +372,11 @@ class ParamJacobian:
 
     def __str__(self) -> str:
         wrt = f"vec({self.param})" if self.kind == "matrix" else self.param
-        return f"d+{self.of}/d{wrt} = {sympy.sstr(self.expr)}"
+        parts = []
+        for C, v in self.pieces:
+            body = " + ".join(str(t) for t in C.terms)
+            parts.append(body if v is None else f"{v.name}.T \u2297 ({body})")
+        return f"d+{self.of}/d{wrt} = " + (" + ".join(parts) if parts else "0")
 
     def latex(self) -> str:
         wrt = f"vec({self.param})" if self.kind == "matrix" else self.param
@@ -392,9 +396,8 @@ class ParamJacobian:
                 vv = np.asarray(values[v.name])
                 vv = np.broadcast_to(vv, (dense.shape[0], sizes[v.dim])) if vv.ndim == 2 else np.full((dense.shape[0], sizes[v.dim]), vv)
                 dense = dense[:, :, :, None] * vv[:, None, None, :]
-            else:
-                if dense.shape[2] == 1:
-                    dense = dense[:, :, 0]
+            elif self.kind == "scalar":
+                dense = dense[:, :, 0]  # a scalar parameter: (B, d_out, 1) -> (B, d_out)
             total = total + dense
         return total
 
