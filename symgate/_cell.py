@@ -884,16 +884,14 @@ def cell(fn: Callable[..., Any] | None = None, *, name: str | None = None) -> An
 
     def wrap(f: Callable[..., Any]) -> Cell:
         try:
-            hints = dict(getattr(f, "__annotations__", {}))
-        except Exception as exc:  # pragma: no cover - exotic callables
-            raise CellSpecError(f"cannot read annotations of {f!r}: {exc}") from None
+            # string annotations (``from __future__ import annotations``) are evaluated
+            # in the function's module namespace, as typing.get_type_hints would
+            hints = dict(inspect.get_annotations(f, eval_str=True))
+        except Exception as exc:
+            raise CellSpecError(
+                f"cannot evaluate the annotations of {getattr(f, '__name__', f)!r}: {type(exc).__name__}: {exc}"
+            ) from None
         hints.pop("return", None)
-        for k, v in list(hints.items()):
-            if isinstance(v, str):
-                raise CellSpecError(
-                    f"annotation of {k!r} is the string {v!r}; cell annotations must be symgate specs "
-                    "(do not use 'from __future__ import annotations' in the module that defines a cell)"
-                )
         return make_cell(f, hints, name=name)
 
     if fn is None:

@@ -39,7 +39,7 @@ class Owner:
 
 @dataclass(frozen=True)
 class LocalPartials:
-    """The local partials of a cell.
+    r"""The local partials of a cell.
 
     ``partials[owner]`` maps each symbol the owner reads to
     :math:`\partial(\text{owner})/\partial(\text{symbol})` (nonzero only).

@@ -1,0 +1,38 @@
+# symgate: `make demo` runs the main job, `make test` the whole test suite.
+# Each creates a local virtual environment (.venv) and installs what it needs.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.symgate-installed
+
+.PHONY: demo test test-fast test-slow bench install clean
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m symgate demo
+
+# The fast default suite, then the thorough profile (slow-marked tests,
+# 200-example Hypothesis runs, the random-cell pool).  pytest exits 5 when it
+# collects no test; make treats that as a failure, so an empty run cannot pass.
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m slow --hypothesis-profile=thorough
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow --hypothesis-profile=thorough
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_derive.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,31 @@
+"""Test configuration: Hypothesis profiles and shared fixtures.
+
+Profiles: ``fast`` (default; few examples, the suite runs in about a minute) and
+``thorough`` (``--hypothesis-profile=thorough``; what ``make test`` uses for the
+slow-marked tests).  Cells are built once per session (derivation and
+lambdification are cached on the cell object), never inside ``@given``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import symgate as sg
+from symgate.testing import cached_builtin
+
+settings.register_profile(
+    "fast", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.register_profile(
+    "thorough", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("fast")
+
+BUILTIN_NAMES = sorted(sg.cells.BUILTIN)
+
+
+@pytest.fixture(scope="session", params=BUILTIN_NAMES)
+def builtin_cell(request: pytest.FixtureRequest) -> sg.Cell:
+    """Each built-in cell, built (and derived) once per session."""
+    return cached_builtin(request.param)

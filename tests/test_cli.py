@@ -1,0 +1,74 @@
+"""The command line interface."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from symgate.cli import main
+
+
+def test_derive_builtin(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["derive", "vector_gate"]) == 0
+    out = capsys.readouterr().out
+    assert "dh'/dh:" in out and "[gate     ] diag(-h + phi)*diag(g*(1 - g))*Wg" in out
+
+
+def test_derive_latex(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["derive", "leaky", "--latex"]) == 0
+    out = capsys.readouterr().out
+    assert r"\operatorname{diag}" in out and r"\frac{\partial h'}{\partial h}" in out
+
+
+def test_derive_user_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "mycell.py"
+    f.write_text(textwrap.dedent("""
+        import symgate as sg
+
+        @sg.cell
+        def my_gate(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"),
+                    U: sg.Matrix("n", "m"), wg: sg.Matrix(1, "n")):
+            g = sg.sigmoid(wg @ h)
+            return (1 - g) * h + g * sg.tanh(W @ h + U @ x)
+
+        def undecorated(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"), U: sg.Matrix("n", "m")):
+            return sg.tanh(W @ h + U @ x)
+    """))
+    assert main(["derive", f"{f}:my_gate"]) == 0
+    assert "[gate     ]" in capsys.readouterr().out
+    assert main(["derive", f"{f}:undecorated"]) == 0
+    assert "diag(1 - phi**2)*W" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope", "unknown cell"),
+    ("missing.py:cell", "does not exist"),
+])
+def test_bad_cell_spec(spec: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["derive", spec]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_attribute(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "c.py"
+    f.write_text("x = 1\n")
+    assert main(["derive", f"{f}:cell"]) == 2
+    assert "no attribute 'cell'" in capsys.readouterr().err
+    assert main(["derive", f"{f}:x"]) == 2
+    assert "neither" in capsys.readouterr().err
+
+
+def test_verify_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", "leaky", "--examples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "leaky" in out and "pass" in out
+
+
+def test_module_entry_point() -> None:
+    r = subprocess.run([sys.executable, "-m", "symgate", "derive", "plain"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "diag(1 - phi**2)*W" in r.stdout
