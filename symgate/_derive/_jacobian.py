@@ -241,12 +241,38 @@ class StructuredJacobian:
             m = m.xreplace(explicit_node_values(cell, sizes))
         return m
 
-    def evaluate(self, values: Mapping[str, Any], params: Mapping[str, Any], sizes: Mapping[Any, int]) -> np.ndarray:
+    def infer_sizes(self, values: Mapping[str, Any], params: Mapping[str, Any]) -> dict[Any, int]:
+        """The sizes of the named dimensions, read off ``values`` and ``params``."""
+        sizes: dict[Any, int] = {1: 1}
+        for t in self.terms:
+            for f in t.factors:
+                if f.kind == "matrix":
+                    r, c = np.shape(params[f.matrix])
+                    sizes.setdefault(f.rows, r)
+                    sizes.setdefault(f.cols, c)
+                else:
+                    for sym in f.expr.free_symbols:  # type: ignore[union-attr]
+                        v = values.get(sym.name)
+                        if isinstance(sym, UnitSymbol) and sym.dim != 1 and v is not None and np.ndim(v) >= 1:
+                            sizes.setdefault(sym.dim, np.shape(v)[-1])
+        for d in (self.rows, self.cols):
+            if d not in sizes:
+                raise ValueError(f"cannot infer the size of dimension {d!r}; pass sizes=")
+        return sizes
+
+    def lambdify(self) -> Callable[..., np.ndarray]:
+        """A numeric function ``f(values, params) -> (B, rows, cols)``; see :meth:`evaluate`."""
+        return lambda values, params: self.evaluate(values, params)
+
+    def evaluate(self, values: Mapping[str, Any], params: Mapping[str, Any], sizes: Mapping[Any, int] | None = None) -> np.ndarray:
         """Dense numeric Jacobian ``(B, rows, cols)`` at one step.
 
         ``values`` maps every leaf and node name to its per-unit values ``(B, d)``
-        (as produced by the reference kernel's step), ``params`` the parameters.
+        (as produced by ``ReferenceKernel.step_values``), ``params`` the parameters;
+        ``sizes`` (dimension name -> size) is inferred when omitted.
         """
+        if sizes is None:
+            sizes = self.infer_sizes(values, params)
         batch = next(np.shape(v)[0] for v in values.values() if np.ndim(v) == 2)
         r, c = sizes[self.rows], sizes[self.cols]
         dtype = np.result_type(*[np.asarray(v).dtype for v in values.values()])
