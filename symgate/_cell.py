@@ -209,9 +209,13 @@ class Constant:
 
     def __post_init__(self) -> None:
         v = self.value
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-            raise CellSpecError(f"Constant value {v!r} must be a finite real number")
-        object.__setattr__(self, "value", float(v))
+        try:
+            fv = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else math.nan
+        except OverflowError:
+            fv = math.inf
+        if not math.isfinite(fv):
+            raise CellSpecError(f"Constant value {v!r} must be a finite real number (representable as a float)")
+        object.__setattr__(self, "value", fv)
 
 
 Spec = Union[State, Input, Matrix, Vector, Scalar, Constant]
@@ -279,6 +283,19 @@ class _Builder:
         self.nodes: list[Node] = []
         self.by_symbol: dict[UnitSymbol, Node] = {}
         self.counter = 0
+        self.codes: set[Any] = set()  # code objects of the body (and what it wraps)
+        self.frames: dict[int, Any] = {}  # id(frame) -> frame of the body, seen while tracing
+
+    def note_frame(self) -> None:
+        """Remember the body's frame (its locals name the nodes once it returns)."""
+        f = sys._getframe(1)
+        for _ in range(12):
+            if f is None:
+                return
+            if f.f_code in self.codes:
+                self.frames[id(f)] = f
+                return
+            f = f.f_back
 
     def new_symbol(self, dim: Dim) -> UnitSymbol:
         self.counter += 1
@@ -288,9 +305,47 @@ class _Builder:
         return s.dim  # type: ignore[attr-defined]
 
     def add(self, node: Node) -> "Var":
+        self.note_frame()
         self.nodes.append(node)
         self.by_symbol[node.symbol] = node
         return Var(node.symbol, node.dim, self)
+
+
+class _TracedAttributeError(CellSpecError, AttributeError):
+    """Unknown attribute of a traced quantity (an AttributeError too, so ``hasattr`` works)."""
+
+
+class _SympifyTracedError(UnsupportedFunctionError, sympy.SympifyError):
+    """A SymPy function was applied to a traced quantity."""
+
+    def __init__(self, func: str | None) -> None:
+        what = f"SymPy function {func!r}" if func else "SymPy functions"
+        self.message = (
+            f"{what} cannot be applied to a traced cell quantity; "
+            "use symgate.tanh, sigmoid, exp, log or softplus"
+        )
+        sympy.SympifyError.__init__(self, self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _calling_sympy_function() -> str | None:
+    """Name of the SymPy Function class being constructed up the stack, if any."""
+    f = sys._getframe(2)
+    for _ in range(10):
+        if f is None:
+            return None
+        cls = f.f_locals.get("cls")
+        if isinstance(cls, type) and issubclass(cls, sympy.Function):
+            return cls.__name__
+        f = f.f_back
+    return None
+
+
+def _check_finite(expr: sympy.Expr, op: str) -> None:
+    if expr.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
+        raise CellSpecError(f"'{op}' gives a non-finite expression ({expr}); e.g. a division by zero")
 
 
 def _broadcast(d1: Dim, d2: Dim, op: str) -> Dim:
@@ -327,9 +382,21 @@ class Var:
                 raise CellSpecError(f"constant {other!r} in a cell body must be a finite real number")
             return sympy.nsimplify(other) if isinstance(other, float) and float(other).is_integer() else sympy.sympify(other), 1
         if isinstance(other, sympy.Basic):
+            funcs = sorted({type(f).__name__ for f in other.atoms(sympy.Function) if type(f) not in DERIVATIVE_RULES})
+            if funcs:
+                raise UnsupportedFunctionError(
+                    f"function(s) {', '.join(funcs)} are not supported in a cell body; "
+                    "use symgate.tanh, sigmoid, exp, log or softplus on traced quantities"
+                )
             if isinstance(other, sympy.Expr) and other.is_number and other.is_real and other.is_finite:
                 return other, 1
             free = sorted(str(s) for s in other.free_symbols)
+            own = {s.name for s in [*self._b.leaves, *self._b.by_symbol]}
+            if free and set(free) <= own:
+                raise CellSpecError(
+                    f"a raw SymPy expression of the cell's symbols ({other}) cannot be used in a body; "
+                    "operate on the traced quantities themselves (h, not h.expr)"
+                )
             if free:
                 raise CellSpecError(
                     f"unknown symbol(s) {', '.join(free)} in the cell body; every symbol must be an argument of the cell function"
@@ -340,8 +407,9 @@ class Var:
     def _bin(self, other: Any, op: str, f: Callable[[Any, Any], Any], reflected: bool = False) -> "Var":
         oe, od = self._coerce(other, op)
         dim = _broadcast(self.dim, od, op)
-        expr = f(oe, self.expr) if reflected else f(self.expr, oe)
-        return Var(sympy.sympify(expr), dim, self._b)
+        expr = sympy.sympify(f(oe, self.expr) if reflected else f(self.expr, oe))
+        _check_finite(expr, op)
+        return Var(expr, dim, self._b)
 
     def __add__(self, o: Any) -> "Var":
         return self._bin(o, "+", lambda a, b: a + b)
@@ -374,9 +442,14 @@ class Var:
         return self
 
     def __pow__(self, p: Any) -> "Var":
-        if isinstance(p, Var) or not isinstance(p, numbers.Real) or isinstance(p, bool):
-            raise CellSpecError(f"exponent {p!r} must be a real number (v ** p with a constant p)")
-        return Var(self.expr ** sympy.nsimplify(p), self.dim, self._b)
+        if isinstance(p, Var) or not isinstance(p, numbers.Real) or isinstance(p, bool) or not math.isfinite(float(p)):
+            raise CellSpecError(f"exponent {p!r} must be a finite real number (v ** p with a constant p)")
+        expr = self.expr ** sympy.nsimplify(p)
+        _check_finite(expr, "**")
+        return Var(expr, self.dim, self._b)
+
+    def __rpow__(self, base: Any) -> Any:
+        raise CellSpecError(f"{base!r} ** (traced quantity) is not supported; write symgate.exp(v * log(base))")
 
     def __matmul__(self, o: Any) -> Any:
         raise ShapeError("'@' needs a Matrix parameter on the left: write W @ v")
@@ -384,8 +457,41 @@ class Var:
     def __bool__(self) -> bool:
         raise CellSpecError("a traced cell quantity has no truth value; cell bodies cannot branch on values")
 
+    def _no_compare(self, other: Any) -> Any:
+        raise CellSpecError("traced cell quantities cannot be compared (==, <, ...); cell bodies cannot branch on values")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _no_compare  # type: ignore[assignment]
+    __hash__ = object.__hash__
+
+    def _no_scalar(self, *a: Any) -> Any:
+        raise UnsupportedFunctionError(
+            "a traced cell quantity is not a number (math functions, float(), abs() ... do not apply); "
+            "use symgate.tanh, sigmoid, exp, log or softplus"
+        )
+
+    __float__ = __int__ = __complex__ = __index__ = __abs__ = __round__ = _no_scalar  # type: ignore[assignment]
+
+    def _sympy_(self) -> Any:
+        # SymPy asks for this when a SymPy function or operator meets a traced quantity.
+        # Raising a SympifyError lets SymPy's binary operators return NotImplemented (so
+        # ours take over); a SymPy *function* applied to a traced quantity gets this error.
+        raise _SympifyTracedError(_calling_sympy_function())
+
+    def __getitem__(self, item: Any) -> Any:
+        raise CellSpecError("a traced quantity is a per-unit vector: indexing (v[i]) is not supported; use a Matrix to mix units")
+
+    def __iter__(self) -> Any:
+        raise CellSpecError("a traced quantity cannot be iterated over; cell bodies work on whole vectors")
+
+    def __getattr__(self, item: str) -> Any:
+        if item.startswith("__"):
+            raise AttributeError(item)
+        raise _TracedAttributeError(
+            f"a traced cell quantity has no attribute {item!r} (transposes and reshapes are not part of a cell body)"
+        )
+
     def __array__(self, *a: Any, **k: Any) -> Any:
-        raise CellSpecError("numpy functions cannot be applied to traced cell quantities; use symgate.tanh, symgate.sigmoid, ...")
+        raise UnsupportedFunctionError("numpy functions cannot be applied to traced cell quantities; use symgate.tanh, symgate.sigmoid, ...")
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         import numpy as np
@@ -643,27 +749,31 @@ def _assemble(
     return Cell(name, states, inputs, params, leaves, nodes, outputs, source, index)
 
 
-def _capture_locals(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
-    """Call ``fn(*args)`` and return its result and its local variables at return."""
-    captured: dict[str, Any] = {}
+def _body_codes(fn: Callable[..., Any]) -> set[Any]:
+    """Code objects of the body and of the functions it wraps (``__wrapped__``)."""
     codes = set()
     f: Any = fn
-    while f is not None:  # the body, and the functions it wraps (``__wrapped__``)
+    while f is not None:
         code = getattr(f, "__code__", None)
         if code is not None:
             codes.add(code)
         f = getattr(f, "__wrapped__", None)
+    return codes
 
-    def profiler(frame: Any, event: str, arg: Any) -> None:
-        if event == "return" and frame.f_code in codes:
-            captured.update(frame.f_locals)
 
-    old = sys.getprofile()
-    sys.setprofile(profiler)
-    try:
-        result = fn(*args)
-    finally:
-        sys.setprofile(old)
+def _capture_locals(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], b: "_Builder") -> tuple[Any, dict[str, Any]]:
+    """Call the body and return its result and its local variables at return.
+
+    The traced operations note the body's frame as they run; a frame that has
+    returned keeps its locals, which name the nodes.  No profiler or trace hook is
+    installed, so tracing works under debuggers, coverage and profilers.
+    """
+    b.codes = _body_codes(fn)
+    result = fn(*args, **kwargs)
+    captured: dict[str, Any] = {}
+    for frame in b.frames.values():
+        captured.update(frame.f_locals)
+    b.frames.clear()
     return result, captured
 
 
@@ -684,6 +794,8 @@ def make_cell(
     """
     if not callable(body):
         raise CellSpecError(f"a cell body must be callable, got {type(body).__name__}")
+    if not isinstance(specs, Mapping):
+        raise CellSpecError(f"specs must be a dict {{argument name: spec}}, got {type(specs).__name__}")
     cname = name if name is not None else getattr(body, "__name__", "cell")
     if cname == "<lambda>":
         cname = "cell"
@@ -750,7 +862,9 @@ def make_cell(
     if clash:
         raise InvalidNameError(f"cell {cname!r}: name(s) {clash} are used both as an argument and as a dimension")
 
-    result, local_vars = _capture_locals(body, args)
+    kwonly = [a for a, prm in sig.parameters.items() if prm.kind == prm.KEYWORD_ONLY]
+    npos = len(argnames) - len(kwonly)
+    result, local_vars = _capture_locals(body, args[:npos], dict(zip(kwonly, args[npos:])), b)
 
     # -- outputs -------------------------------------------------------------
     outs = result if isinstance(result, tuple) else (result,)
@@ -780,7 +894,7 @@ def make_cell(
 
     # -- names -------------------------------------------------------------
     chosen: dict[UnitSymbol, str] = {}
-    taken = set(argnames)
+    taken = set(argnames) | dimnames  # a node named like a dimension would print ambiguously
     explicit = getattr(b, "_explicit_names", {})
     for sym, nm in explicit.items():
         if nm in taken:
@@ -792,9 +906,8 @@ def make_cell(
             continue
         sym = val.expr
         if isinstance(sym, UnitSymbol) and sym in b.by_symbol and sym not in chosen:
-            _check_name(var, "local variable")
-            if var in taken:
-                continue
+            if var in taken or var.startswith("_") or var in RESERVED_NAMES:
+                continue  # keeps its automatic name
             chosen[sym] = var
             taken.add(var)
     linear_count: dict[str, int] = {}

@@ -24,6 +24,8 @@ SUPPORTED_DTYPES = (np.dtype("float32"), np.dtype("float64"), np.dtype("complex1
 
 def check_dtype(dtype: Any) -> np.dtype:
     """The numpy dtype, if supported by the kernels."""
+    if dtype is None:
+        raise DTypeError("dtype must be given ('float32' or 'float64'), not None")
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -51,19 +53,31 @@ def check_array(name: str, a: Any, dtype: np.dtype, ndim: int) -> np.ndarray:
     return a
 
 
-def _size(sizes: dict[Dim, int], d: Dim, n: int, where: str) -> None:
+class Sizes(dict):
+    """Dimension name -> size, remembering where each size was read (``sources``)."""
+
+    def __init__(self) -> None:
+        super().__init__({1: 1})
+        self.sources: dict[Dim, str] = {}
+
+    def source(self, d: Dim) -> str:
+        return f"{d} = {self[d]} from {self.sources[d]}" if d in self.sources else f"{d} = {self[d]}"
+
+
+def _size(sizes: Sizes, d: Dim, n: int, where: str) -> None:
     if d == 1:
         if n != 1:
             raise ShapeError(f"{where}: expected size 1, got {n}")
         return
     if d in sizes and sizes[d] != n:
-        raise ShapeError(f"{where}: size {n} for dimension {d!r}, but {d} = {sizes[d]} elsewhere")
+        raise ShapeError(f"{where}: size {n} for dimension {d!r}, but {sizes.source(d)}")
     sizes[d] = n
+    sizes.sources[d] = where
 
 
 def resolve_sizes(cell: Cell, params: Mapping[str, Any], x: Any, h0: Any) -> dict[Dim, int]:
     """Infer every named dimension from ``x``, ``h0`` and ``params``; check they agree."""
-    sizes: dict[Dim, int] = {1: 1}
+    sizes = Sizes()
     if not isinstance(x, np.ndarray):
         raise DTypeError(f"x must be a numpy array of shape (T, B, m), got {type(x).__name__}")
     if x.ndim != 3:
@@ -76,6 +90,12 @@ def resolve_sizes(cell: Cell, params: Mapping[str, Any], x: Any, h0: Any) -> dic
     if len(cell.inputs) != 1:
         raise ShapeError(f"cell {cell.name!r} has {len(cell.inputs)} inputs; kernels support exactly one input")
     _size(sizes, cell.inputs[0].dim, m, "x.shape[2]")
+    if h0 is not None:
+        for s in cell.states:
+            a = h0.get(s.name) if isinstance(h0, Mapping) else h0
+            if isinstance(a, np.ndarray) and a.ndim == 2:
+                _size(sizes, s.dim, a.shape[1], f"initial state {s.name!r} (shape {a.shape})")
+    # parameters fill in what x and h0 do not fix; check_params then reports any mismatch by name
     if isinstance(params, Mapping):
         for p in cell.params:
             a = params.get(p.name)
@@ -83,14 +103,13 @@ def resolve_sizes(cell: Cell, params: Mapping[str, Any], x: Any, h0: Any) -> dic
                 for k, d in enumerate(p.shape):
                     if d != 1 and d not in sizes:
                         sizes[d] = a.shape[k]
-    if h0 is not None:
-        for s in cell.states:
-            a = h0.get(s.name) if isinstance(h0, Mapping) else h0
-            if isinstance(a, np.ndarray) and a.ndim == 2:
-                _size(sizes, s.dim, a.shape[1], f"initial state {s.name!r} (shape {a.shape})")
+                        sizes.sources[d] = f"params[{p.name!r}] (shape {a.shape})"
     for s in cell.states:
         if s.dim not in sizes:
             raise ShapeError(f"cannot infer dimension {s.dim!r} of state {s.name!r}: pass h0 or parameters that use it")
+    for d, v in sizes.items():
+        if v == 0:
+            raise ShapeError(f"dimension {d!r} has size 0; every dimension needs at least one unit")
     return sizes
 
 
@@ -111,7 +130,8 @@ def check_params(cell: Cell, params: Any, sizes: Mapping[Dim, int], dtype: np.dt
         want = tuple(sizes[d] for d in p.shape)
         if a.shape != want:
             spec = "(" + ", ".join(repr(d) for d in p.shape) + ")"
-            raise ShapeError(f"params[{p.name!r}] has shape {a.shape}; expected {spec} = {want}")
+            why = "; ".join(sizes.source(d) for d in dict.fromkeys(p.shape) if d != 1) if isinstance(sizes, Sizes) else ""
+            raise ShapeError(f"params[{p.name!r}] has shape {a.shape}; expected {spec} = {want}" + (f" ({why})" if why else ""))
         out[p.name] = a
     return out
 
@@ -134,7 +154,8 @@ def check_states(cell: Cell, h0: Any, sizes: Mapping[Dim, int], batch: int, dtyp
         a = check_array(label, a, dtype, 2)
         want = (batch, sizes[s.dim])
         if a.shape != want:
-            raise ShapeError(f"{label} has shape {a.shape}; expected (B, {s.dim!r}) = {want}")
+            why = f" ({sizes.source(s.dim)})" if isinstance(sizes, Sizes) else ""
+            raise ShapeError(f"{label} has shape {a.shape}; expected (B, {s.dim!r}) = {want}{why}")
         out[s.name] = a
     if isinstance(h0, Mapping):
         extra = [k for k in h0 if k not in cell.state_names]

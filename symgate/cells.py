@@ -12,7 +12,7 @@ plain         :math:`h' = \tanh(W h + U x [+ b])`
 leaky         :math:`h' = (1-\alpha) h + \alpha \tanh(W h + U x [+ b])`
 scalar_gate   :math:`g = \sigma(w_g h + u_g x [+ c])` (scalar), :math:`h' = (1-g) h + g\phi`
 vector_gate   :math:`g = \sigma(W_g h + U_g x [+ c])` (per unit), :math:`h' = (1-g)\odot h + g\odot\phi`
-gru           :math:`z, r` gates; :math:`\tilde h = \tanh(W_n (r\odot h) + U_n x)`; :math:`h' = (1-z) h + z \tilde h`
+gru           :math:`z, r` gates; candidate :math:`\tilde h = \tanh(W_n (r\odot h) + U_n x)` (``cand``); :math:`h' = (1-z) h + z \tilde h`
 lstm          :math:`i, f, o` gates; :math:`c' = f c + i \tanh(\cdot)`; :math:`h' = o \tanh(c')`
 mgu           :math:`f = \sigma(W_f h + U_f x)`; :math:`\tilde h = \tanh(W_n (f\odot h) + U_n x)`; :math:`h' = (1-f) h + f\tilde h`
 ============  ==============================================================
@@ -105,8 +105,8 @@ def gru(*, bias: bool = True) -> Cell:
     def gru(h, x, Wz, Uz, Wr, Ur, Wn, Un, **b):  # type: ignore[no-untyped-def]
         z = sigmoid(Wz @ h + Uz @ x + _bias(b, "bz"))
         r = sigmoid(Wr @ h + Ur @ x + _bias(b, "br"))
-        n = tanh(Wn @ (r * h) + Un @ x + _bias(b, "bn"))
-        return (1 - z) * h + z * n
+        cand = tanh(Wn @ (r * h) + Un @ x + _bias(b, "bn"))
+        return (1 - z) * h + z * cand
 
     spec = {"h": State("n"), "x": Input("m")}
     for k in ("z", "r", "n"):
@@ -139,8 +139,8 @@ def mgu(*, bias: bool = True) -> Cell:
 
     def mgu(h, x, Wf, Uf, Wn, Un, **b):  # type: ignore[no-untyped-def]
         f = sigmoid(Wf @ h + Uf @ x + _bias(b, "bf"))
-        n = tanh(Wn @ (f * h) + Un @ x + _bias(b, "bn"))
-        return (1 - f) * h + f * n
+        cand = tanh(Wn @ (f * h) + Un @ x + _bias(b, "bn"))
+        return (1 - f) * h + f * cand
 
     spec = {"h": State("n"), "x": Input("m"), "Wf": Matrix("n", "n"), "Uf": Matrix("n", "m"),
             "Wn": Matrix("n", "n"), "Un": Matrix("n", "m")}
@@ -185,4 +185,10 @@ def builtin(name: str, **options: object) -> Cell:
         factory = BUILTIN[name]
     except KeyError:
         raise CellSpecError(f"unknown built-in cell {name!r}; available: {', '.join(BUILTIN)}") from None
+    import inspect
+
+    allowed = list(inspect.signature(factory).parameters)
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise CellSpecError(f"built-in cell {name!r} has no option(s) {unknown}; its options are {allowed}")
     return factory(**options)  # type: ignore[arg-type]

@@ -59,36 +59,40 @@ def assert_zero(A: Matrix) -> None:
     assert S == zeros(*A.shape), S
 
 
-def paper_leaky(cell, n: int) -> Matrix:
+def paper_leaky(cell, n: int) -> list[Matrix]:
     # (a) J = (1 - alpha) I + alpha D W
     alpha = cell.symbols["alpha"]
     D = diag_of(emap(lambda p: 1 - p**2, vec("phi", n)))
-    return (1 - alpha) * eye(n) + alpha * D * mat("W", n, n)
+    return [(1 - alpha) * eye(n), alpha * D * mat("W", n, n)]
 
 
-def paper_scalar_gate(cell, n: int) -> Matrix:
+def paper_scalar_gate(cell, n: int) -> list[Matrix]:
     # (b) J = g D W + (1 - g) I + g (1 - g) (phi - h) w_rg^T   (w_rg^T is the 1 x n matrix wg)
     g = cell.symbols["g"]
     phi, h = vec("phi", n), vec("h", n)
     D = diag_of(emap(lambda p: 1 - p**2, phi))
-    return g * D * mat("W", n, n) + (1 - g) * eye(n) + g * (1 - g) * (phi - h) * mat("wg", 1, n)
+    return [g * D * mat("W", n, n), (1 - g) * eye(n), g * (1 - g) * (phi - h) * mat("wg", 1, n)]
 
 
-def paper_vector_gate(cell, n: int) -> Matrix:
+def paper_vector_gate(cell, n: int) -> list[Matrix]:
     # (c) J = diag(g) D W + diag(1 - g) + diag(phi - h) diag(g (1 - g)) W_rg
     g, phi, h = vec("g", n), vec("phi", n), vec("h", n)
     D = diag_of(emap(lambda p: 1 - p**2, phi))
-    return (
-        diag_of(g) * D * mat("W", n, n)
-        + diag_of(emap(lambda s: 1 - s, g))
-        + diag_of(phi - h) * diag_of(emap(lambda s: s * (1 - s), g)) * mat("Wg", n, n)
-    )
+    return [
+        diag_of(g) * D * mat("W", n, n),
+        diag_of(emap(lambda s: 1 - s, g)),
+        diag_of(phi - h) * diag_of(emap(lambda s: s * (1 - s), g)) * mat("Wg", n, n),
+    ]
 
 
-def paper_plain(cell, n: int) -> Matrix:
+def paper_plain(cell, n: int) -> list[Matrix]:
     # (d) J = D W
     D = diag_of(emap(lambda p: 1 - p**2, vec("phi", n)))
-    return D * mat("W", n, n)
+    return [D * mat("W", n, n)]
+
+
+def total(summands: list[Matrix]) -> Matrix:
+    return sum(summands[1:], summands[0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,20 +125,21 @@ def test_state_jacobian_equals_paper_formula(name, sizes):
     factory, paper = PAPER[name]
     cell = factory()
     derived = explicit_jacobian(name, sizes["n"], sizes["m"])
-    expected = paper(cell, sizes["n"])
+    expected = total(paper(cell, sizes["n"]))
     assert derived.shape == expected.shape == (sizes["n"], sizes["n"])
     assert_zero(derived - expected)
 
 
 @pytest.mark.parametrize("name", list(PAPER))
-def test_paper_comparison_is_not_vacuous(name):
-    """Dropping one summand of the paper formula must make the comparison fail."""
+def test_every_paper_summand_is_needed(name):
+    """The comparison is not vacuous: leaving out any one summand of the paper formula breaks it."""
     factory, paper = PAPER[name]
     cell = factory()
     n = 2
     derived = explicit_jacobian(name, n, 1)
-    wrong = paper(cell, n) + mat("W", n, n)  # an extra (spurious) W term
-    assert sympy.simplify(derived - wrong) != zeros(n, n)
+    summands = paper(cell, n)
+    for i in range(len(summands)):
+        assert sympy.simplify(derived - total(summands) + summands[i]) != zeros(n, n), i
 
 
 @pytest.mark.parametrize("name", ["scalar_gate", "vector_gate"])
@@ -186,11 +191,11 @@ def test_gru_diagonal_vs_follow_up_rdiag():
     Paper notes: diag(J)_q = (1 - z) + (g - h) z' Uz_qq + z g' Uh_qq (r + h r' Ur_qq).
     The exact diagonal of the reset path is sum_k z_q g'_q Uh[q, k] h_k r'_k Ur[k, q];
     symgate's exact Jacobian must equal the notes' formula plus the k != q terms.
-    (symgate names: candidate g -> n, U_z/U_h/U_r -> Wz/Wn/Wr.)
+    (symgate names: candidate g -> cand, U_z/U_h/U_r -> Wz/Wn/Wr.)
     """
     n = 2
     J = explicit_jacobian("gru", n, 1)
-    z, r, cand, h = vec("z", n), vec("r", n), vec("n", n), vec("h", n)
+    z, r, cand, h = vec("z", n), vec("r", n), vec("cand", n), vec("h", n)
     Wz, Wr, Wn = mat("Wz", n, n), mat("Wr", n, n), mat("Wn", n, n)
     for q in range(n):
         zp, gp = z[q] * (1 - z[q]), 1 - cand[q] ** 2
@@ -414,7 +419,7 @@ def test_brute_force_comparison_detects_each_gru_term():
     sizes = BRUTE_SIZES["gru"]
     BF = brute_force_blocks(cell, sizes)[("h", "h")]
     point = random_point(leaf_atoms(BF), seed=3)
-    # node entries (z[i, 0], n[i, 0], ...) evaluated at the same point
+    # node entries (z[i, 0], cand[i, 0], ...) evaluated at the same point
     nodes = {k: v.xreplace(point).evalf(30) for k, v in explicit_node_values(cell, sizes).items()}
     dsub = {dim_symbol(k): v for k, v in sizes.items()}
     parts = {}
@@ -464,7 +469,7 @@ def test_gru_reset_term_passes_through_Wn_then_Wr():
     reset = [t for t in J.terms if t.origin == "reset"]
     assert len(reset) == 1
     assert reset[0].matrices == ("Wn", "Wr")
-    assert "r" in reset[0].path and "n" in reset[0].path
+    assert "r" in reset[0].path and "cand" in reset[0].path
     gate = [t for t in J.terms if t.origin == "gate"]
     assert [t.matrices for t in gate] == [("Wz",)]
 
@@ -520,7 +525,7 @@ def test_same_derivation_serves_every_n():
     expr_before = J.expr
     for n in (2, 3):
         # entries are polynomials in the symbols: expand decides equality exactly
-        diff = J.as_explicit({"n": n, "m": 1}) - paper_vector_gate(cell, n)
+        diff = J.as_explicit({"n": n, "m": 1}) - total(paper_vector_gate(cell, n))
         assert diff.shape == (n, n)
         assert diff.applyfunc(sympy.expand) == zeros(n, n)
     assert sg.jacobian(cell) is J

@@ -36,7 +36,7 @@ import sympy
 from sympy.matrices.expressions import Identity, KroneckerProduct, MatrixSymbol, OneMatrix, ZeroMatrix
 
 from .._cell import Cell, Dim, UnitSymbol, dim_symbol
-from .._errors import CellSpecError, StateIndependenceError
+from .._errors import CellSpecError, ShapeError, StateIndependenceError
 from .._functions import NUMPY_FUNCTIONS
 from ._local import LocalPartials, Owner, local_partials
 from ._matexpr import UnitCol, UnitDiag, vector_symbol
@@ -231,13 +231,21 @@ class StructuredJacobian:
         expressions in terms of leaves, so the result can be compared with a
         brute-force Jacobian of the explicit update.
         """
+        dims = {d for t in self.terms for f in t.factors for d in (f.rows, f.cols)} | {self.rows, self.cols}
+        needed = sorted(dims - {1}, key=str)
+        missing = [d for d in needed if d not in sizes]
+        if missing:
+            raise ShapeError(f"as_explicit needs a size for dimension(s) {missing}; got sizes {dict(sizes)}")
+        bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+        if bad:
+            raise ShapeError(f"as_explicit sizes must be positive integers, got {bad}")
         sub = {dim_symbol(k): v for k, v in sizes.items()}
         m = sympy.Matrix(self.expr.subs(sub).as_explicit()) if self.terms else sympy.zeros(
             *(1 if d == 1 else sizes[d] for d in (self.rows, self.cols))  # type: ignore[index]
         )
         if inline:
-            if cell is None:
-                raise ValueError("inline=True needs the cell")
+            if not isinstance(cell, Cell):
+                raise CellSpecError("as_explicit(inline=True) needs cell=<the Cell> to substitute node definitions")
             m = m.xreplace(explicit_node_values(cell, sizes))
         return m
 
@@ -257,7 +265,7 @@ class StructuredJacobian:
                             sizes.setdefault(sym.dim, np.shape(v)[-1])
         for d in (self.rows, self.cols):
             if d not in sizes:
-                raise ValueError(f"cannot infer the size of dimension {d!r}; pass sizes=")
+                raise ShapeError(f"cannot infer the size of dimension {d!r}; pass sizes=")
         return sizes
 
     def lambdify(self) -> Callable[..., np.ndarray]:
@@ -271,6 +279,14 @@ class StructuredJacobian:
         (as produced by ``ReferenceKernel.step_values``), ``params`` the parameters;
         ``sizes`` (dimension name -> size) is inferred when omitted.
         """
+        needed = {sym.name for t in self.terms for e in [t.coefficient, *[f.expr for f in t.factors if f.expr is not None]]
+                  for sym in e.free_symbols}
+        missing = sorted(needed - set(values)) + sorted(
+            {f.matrix for t in self.terms for f in t.factors if f.kind == "matrix"} - set(params))  # type: ignore[arg-type]
+        if missing:
+            raise ShapeError(f"evaluate() is missing values for {missing}")
+        if not any(np.ndim(v) == 2 for v in values.values()):
+            raise ShapeError("evaluate() needs per-unit values of shape (B, d) (see ReferenceKernel.step_values)")
         if sizes is None:
             sizes = self.infer_sizes(values, params)
         batch = next(np.shape(v)[0] for v in values.values() if np.ndim(v) == 2)
@@ -564,6 +580,8 @@ def parameter_jacobian(cell: Cell, param: str, of: str | None = None) -> ParamJa
     >>> print(sg.parameter_jacobian(sg.cells.leaky(bias=False), "W"))
     d+h'/dvec(W) = KroneckerProduct(h.T, alpha*diag(1 - phi**2))
     """
+    if not isinstance(cell, Cell):
+        raise CellSpecError(f"expected a symgate Cell, got {type(cell).__name__}")
     if param not in cell.param_names:
         raise CellSpecError(f"{param!r} is not a parameter of cell {cell.name!r}; parameters are {cell.param_names}")
     names = cell.state_names
@@ -600,6 +618,8 @@ def parameter_jacobian(cell: Cell, param: str, of: str | None = None) -> ParamJa
 
 def parameter_jacobians(cell: Cell, of: str | None = None) -> dict[str, ParamJacobian]:
     """:func:`parameter_jacobian` for every parameter, by name."""
+    if not isinstance(cell, Cell):
+        raise CellSpecError(f"expected a symgate Cell, got {type(cell).__name__}")
     return {p: parameter_jacobian(cell, p, of) for p in cell.param_names}
 
 
