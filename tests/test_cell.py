@@ -103,3 +103,23 @@ def test_repr_and_latex() -> None:
     assert "vector_gate" in repr(c)
     assert r"\sigma" in c.latex() and r"\tanh" in c.latex()
     assert c._repr_latex_().startswith("$")
+
+
+def test_tracing_leaves_profilers_and_tracers_alone() -> None:
+    """Names come from the body's frame, not from a profiler hook: an active profiler is kept."""
+    import sys
+
+    calls: list[str] = []
+
+    def prof(frame, event, arg):  # type: ignore[no-untyped-def]
+        calls.append(event)
+
+    old = sys.getprofile()
+    sys.setprofile(prof)
+    try:
+        c = sg.cells.gru()
+        assert sys.getprofile() is prof
+    finally:
+        sys.setprofile(old)
+    assert calls  # the profiler kept receiving events while tracing
+    assert {"z", "r", "cand"} <= {nd.name for nd in c.nodes if nd.named_by_user}
