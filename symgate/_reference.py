@@ -97,6 +97,33 @@ class _Step:
     state: str | None = None
 
 
+def _evaluate(st: _Step, vals: Mapping[str, Any], params: Mapping[str, np.ndarray]) -> Any:
+    """Value of one node or output from the values it reads."""
+    if st.kind == "linear":
+        return vals[st.source] @ params[st.matrix].T  # type: ignore[index]
+    fn, names = st.value  # type: ignore[misc]
+    return fn(*[vals[n] for n in names])
+
+
+def _pull_back(st: _Step, a: np.ndarray, vals: Mapping[str, Any], params: Mapping[str, np.ndarray],
+               adj: dict[str, np.ndarray]) -> None:
+    """Add the contributions of adjoint ``a`` of one node or output to the adjoints of what it reads.
+
+    Elementwise nodes use their derived local partials; a scalar (dimension-1) quantity
+    read by a per-unit one receives the sum over units.  A Linear node ``z = M v`` sends
+    ``a @ M`` to ``v`` (its matrix gradient is accumulated by the caller).
+    """
+    if st.kind == "linear":
+        contrib = a @ params[st.matrix]  # type: ignore[index]
+        adj[st.source] = adj[st.source] + contrib if st.source in adj else contrib  # type: ignore[index]
+        return
+    for sname, sdim, fn, names in st.partials:
+        contrib = a * fn(*[vals[n] for n in names])
+        if sdim == 1 and contrib.shape[-1] != 1:
+            contrib = contrib.sum(axis=-1, keepdims=True)
+        adj[sname] = adj[sname] + contrib if sname in adj else contrib
+
+
 class ReferenceKernel:
     """Forward, BPTT and JVP for any cell, in numpy; the reference every other route is checked against.
 
@@ -180,12 +207,7 @@ class ReferenceKernel:
         for st in self._plan:
             if not st.static:
                 continue
-            if st.kind == "linear":
-                v = vals[st.source] @ params[st.matrix].T  # type: ignore[index]
-            else:
-                fn, names = st.value  # type: ignore[misc]
-                v = fn(*[vals[n] for n in names])
-            v = self._shape(v, (T, B), sizes[st.dim], self.dtype)
+            v = self._shape(_evaluate(st, vals, params), (T, B), sizes[st.dim], self.dtype)
             vals[st.name] = v
             out[st.name] = v
         return out
@@ -214,12 +236,7 @@ class ReferenceKernel:
             for st in self._plan:
                 if st.static:
                     continue
-                if st.kind == "linear":
-                    v = vals[st.source] @ params[st.matrix].T  # type: ignore[index]
-                else:
-                    fn, names = st.value  # type: ignore[misc]
-                    v = fn(*[vals[n] for n in names])
-                v = self._shape(v, (B,), sizes[st.dim], dt)
+                v = self._shape(_evaluate(st, vals, params), (B,), sizes[st.dim], dt)
                 if st.kind == "out":
                     states[st.state][t] = v  # type: ignore[index]
                 else:
@@ -327,9 +344,6 @@ class ReferenceKernel:
         carry = {s.name: np.zeros((B, sizes[s.dim]), dtype=dt) for s in cell.states}
         dynamic = [st for st in self._plan if not st.static]
 
-        def reduce_to(v: np.ndarray, d: Dim) -> np.ndarray:
-            return v.sum(axis=-1, keepdims=True) if d == 1 and v.shape[-1] != 1 else v
-
         for t in range(T - 1, -1, -1):
             vals = self._values_at(traj, params, t)
             adj: dict[str, np.ndarray] = {}
@@ -340,13 +354,8 @@ class ReferenceKernel:
                 if a is None:
                     continue
                 if st.kind == "linear":
-                    lin_adj[st.name][t] = a
-                    contrib = a @ params[st.matrix]  # type: ignore[index]
-                    adj[st.source] = adj[st.source] + contrib if st.source in adj else contrib  # type: ignore[index]
-                    continue
-                for sname, sdim, fn, names in st.partials:
-                    contrib = reduce_to(a * fn(*[vals[n] for n in names]), sdim)
-                    adj[sname] = adj[sname] + contrib if sname in adj else contrib
+                    lin_adj[st.name][t] = a  # its matrix gradient: one product over T*B below
+                _pull_back(st, a, vals, params, adj)
             carry = {}
             for s in cell.states:
                 v = adj.pop(s.name, None)
@@ -379,12 +388,7 @@ class ReferenceKernel:
                 src = vals[st.source]  # type: ignore[index]
                 src = np.broadcast_to(src, a.shape[:2] + (np.shape(src)[-1],))
                 grads[st.matrix] += a.reshape(T * B, -1).T @ src.reshape(T * B, -1)  # type: ignore[index]
-                contrib = a @ params[st.matrix]  # type: ignore[index]
-                adj[st.source] = adj[st.source] + contrib if st.source in adj else contrib  # type: ignore[index]
-                continue
-            for sname, sdim, fn, names in st.partials:
-                contrib = reduce_to(a * fn(*[vals[n] for n in names]), sdim)
-                adj[sname] = adj[sname] + contrib if sname in adj else contrib
+            _pull_back(st, a, vals, params, adj)
         for name, a in adj.items():
             if name == xname:
                 gx += a
