@@ -11,3 +11,9 @@ from ._reference import ReferenceKernel as ReferenceKernel, reference_kernel as 
 from ._reference import Trajectory as Trajectory, Gradients as Gradients
 from . import losses as losses
 from . import testing as testing
+from ._derive._expansion import Expansion as Expansion, EffectiveLR as EffectiveLR, Split as Split
+from ._derive._expansion import effective_lr as effective_lr, expansion as expansion, split as split
+from ._derive._expansion import ell as ell, t as t
+from ._transport import EffectiveLRTrajectory as EffectiveLRTrajectory, JacobianProducts as JacobianProducts
+from ._transport import decoupled as decoupled, effective_lrs as effective_lrs
+from ._transport import lag_weighted_gradients as lag_weighted_gradients, per_lag_gradients as per_lag_gradients

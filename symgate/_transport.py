@@ -1,0 +1,442 @@
+r"""Numeric evaluation of the theory on trajectories.
+
+Given a cell, parameters and an input batch, this module evaluates what
+:mod:`symgate._derive._expansion` derives:
+
+* :func:`effective_lrs` -- :math:`\mu_{t,\ell}` for every step ``t`` and every lag
+  ``0 <= ell <= max_lag``, per sequence and neuron, from log-domain cumulative sums
+  (vectorised over ``t``, batch and neurons; finite at ``ell = 1000`` where the
+  direct product underflows);
+* :class:`JacobianProducts` -- exact products :math:`J_t\cdots J_{k+1}`, their
+  zeroth- and first-order approximations for a split, :math:`F(\varepsilon)`, and the
+  expansion check (remainder slope, :math:`C_2`, ratios ``||B_j|| / ||A_j||``);
+* :func:`per_lag_gradients` -- the exact lag-``ell`` contributions to a BPTT gradient
+  (from dense Jacobians, an independent route) and their zeroth-order prediction
+  from ``mu`` (:func:`lag_weighted_gradients`).
+
+Time convention: steps are ``1..T``; arrays are indexed by ``step - 1``.  ``J_j`` is
+the Jacobian of step ``j`` (it reads ``h_{j-1}``); lag ``ell = t - k`` has ``ell``
+factors; ``mu[t, 0] = w_t`` (the immediate term).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import sympy
+
+from ._cell import Cell, Dim, UnitSymbol
+from ._derive import jacobian, parameter_jacobian
+from ._derive._expansion import CONVENTIONS, SPLITS, effective_lr, retention_state, split as make_split
+from ._derive._jacobian import ORIGINS, StructuredJacobian, _LAMBDIFIED
+from ._errors import CellSpecError, ShapeError
+from ._reference import Trajectory, reference_kernel
+
+__all__ = [
+    "step_values",
+    "decoupled",
+    "EffectiveLRTrajectory",
+    "effective_lrs",
+    "JacobianProducts",
+    "per_lag_gradients",
+    "lag_weighted_gradients",
+]
+
+
+def step_values(cell: Cell, params: Mapping[str, np.ndarray], traj: Trajectory) -> dict[str, Any]:
+    """Every leaf and node value at every step: per-step quantities ``(T, B, d)``,
+    vector parameters ``(d,)``, scalars ``()``, constants as floats."""
+    vals: dict[str, Any] = dict(cell.constants)
+    for p in cell.params:
+        if p.kind != "matrix":
+            vals[p.name] = params[p.name]
+        else:
+            M = np.asarray(params[p.name])
+            r, c = M.shape
+            vals[f"{p.name}_diag"] = np.diagonal(M).copy() if r == c else (M[0] if r == 1 else M[:, 0])
+    vals[cell.inputs[0].name] = traj.x
+    for s in cell.states:
+        vals[s.name] = traj.previous(s.name)
+    vals.update(traj.nodes)
+    return vals
+
+
+def _per_unit(expr: sympy.Expr, vals: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+    """A per-unit expression evaluated on all steps, broadcast to ``shape`` = (T, B, d)."""
+    v = np.asarray(_LAMBDIFIED(expr, vals))
+    return np.broadcast_to(v, shape)
+
+
+def decoupled(cell: Cell, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A copy of ``params`` with every recurrent matrix (a Linear reading a state-dependent
+    quantity) set to zero: the coupling switched off, the state Jacobian reduced to its leak."""
+    dynamic: set[UnitSymbol] = {s.symbol for s in cell.states}
+    recurrent: set[str] = set()
+    for nd in cell.nodes:
+        deps = {nd.source} if nd.kind == "linear" else nd.expr.free_symbols
+        if deps & dynamic:
+            dynamic.add(nd.symbol)
+            if nd.kind == "linear":
+                recurrent.add(nd.matrix)  # type: ignore[arg-type]
+    return {k: (np.zeros_like(v) if k in recurrent else v.copy()) for k, v in params.items()}
+
+
+# ----------------------------------------------------------------------------
+# effective learning rates on trajectories
+# ----------------------------------------------------------------------------
+
+
+def _window_log_product(logabs: np.ndarray, negative: np.ndarray, zero: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """log|prod_{j=t-ell+1}^{t} v_j| and its sign for all t, 0 <= ell <= max_lag.
+
+    Inputs are ``(T, ...)``; outputs ``(T, max_lag + 1, ...)``.  Zeros are counted
+    separately so a zero factor gives exactly ``-inf`` (never ``-inf - -inf``).
+    """
+    T = logabs.shape[0]
+    L = max_lag
+    C = np.concatenate([np.zeros_like(logabs[:1]), np.cumsum(logabs, axis=0)])  # C[t] = sum_{j<=t}
+    N = np.concatenate([np.zeros_like(negative[:1], dtype=np.int64), np.cumsum(negative, axis=0, dtype=np.int64)])
+    Z = np.concatenate([np.zeros_like(zero[:1], dtype=np.int64), np.cumsum(zero, axis=0, dtype=np.int64)])
+    tt = np.arange(1, T + 1)[:, None]
+    ll = np.arange(L + 1)[None, :]
+    lo = np.clip(tt - ll, 0, None)  # C index of the window start (t - ell), clipped for invalid windows
+    hi = np.broadcast_to(tt, lo.shape)
+    out = C[hi] - C[lo]
+    sign = np.where((N[hi] - N[lo]) % 2 == 1, -1.0, 1.0)
+    out = np.where((Z[hi] - Z[lo]) > 0, -np.inf, out)
+    return out, sign
+
+
+@dataclass
+class EffectiveLRTrajectory:
+    r"""``mu[t-1, ell, b, q]`` for steps ``t = 1..T`` and lags ``ell = 0..max_lag``.
+
+    ``log_abs_mu`` and ``sign`` hold :math:`\mu` in log domain (``-inf`` where the lag
+    reaches before step 1 or a factor is 0); ``mu`` is its exponential.  ``write_gain``
+    and ``leak`` are ``(T, B, n)``; ``first_order`` (diagonal split, optional) is
+    :math:`\mu^{(1)}` with the same layout as ``mu``.
+    """
+
+    param: str
+    state: str
+    convention: str
+    log_abs_mu: np.ndarray
+    sign: np.ndarray
+    write_gain: np.ndarray
+    leak: np.ndarray
+    first_order: np.ndarray | None = None
+
+    @property
+    def mu(self) -> np.ndarray:
+        return self.sign * np.exp(self.log_abs_mu)
+
+    @property
+    def max_lag(self) -> int:
+        return self.log_abs_mu.shape[1] - 1
+
+    def valid(self) -> np.ndarray:
+        """``(T, max_lag + 1)`` mask of (t, ell) with ``t - ell >= 1`` (the lag exists)."""
+        T = self.log_abs_mu.shape[0]
+        return (np.arange(1, T + 1)[:, None] - np.arange(self.max_lag + 1)[None, :]) >= 1
+
+    def envelope(self) -> np.ndarray:
+        r"""The follow-up's envelope :math:`f(\ell)=\lVert\mu_{t,\ell}\rVert_1` (sum over neurons), ``(T, L+1, B)``."""
+        return np.exp(self.log_abs_mu).sum(axis=-1)
+
+    def mean_envelope(self, *, geometric: bool = False) -> np.ndarray:
+        """Mean of ``|mu|`` over valid steps, sequences and neurons, per lag ``(L+1,)``; with
+        ``geometric=True`` the mean of ``log|mu|`` (the follow-up's ``log_mu_l1_mean``)."""
+        v = self.valid()
+        out = np.empty(self.max_lag + 1)
+        for ell in range(self.max_lag + 1):
+            sel = self.log_abs_mu[v[:, ell], ell]
+            if sel.size == 0:
+                out[ell] = np.nan
+            else:
+                out[ell] = np.mean(sel) if geometric else np.mean(np.exp(sel))
+        return out
+
+
+def effective_lrs(
+    cell: Cell,
+    params: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    h0: Any = None,
+    *,
+    param: str | None = None,
+    state: str | None = None,
+    max_lag: int = 50,
+    convention: str = "exact",
+    first_order: bool = False,
+    trajectory: Trajectory | None = None,
+) -> EffectiveLRTrajectory:
+    r""":math:`\mu_{t,\ell}` of ``param`` on the trajectory of ``x`` (see :func:`symgate.effective_lr`).
+
+    Vectorised over steps, lags, sequences and neurons; computed in log domain, so
+    long lags stay finite.  ``first_order=True`` adds the diagonal-split correction
+    :math:`\mu^{(1)}=\mu^{(0)}\sum_j r_j/\lambda_j` with ``r`` the exact rest of the diagonal.
+    """
+    if not isinstance(max_lag, (int, np.integer)) or isinstance(max_lag, bool) or max_lag < 0:
+        raise ShapeError(f"max_lag must be an integer >= 0, got {max_lag!r}")
+    elr = effective_lr(cell, param, state=state, convention=convention)
+    k = reference_kernel(cell, "float64")
+    traj = trajectory if trajectory is not None else k.forward(params, x, h0)
+    vals = step_values(cell, params, traj)
+    T, B = traj.x.shape[:2]
+    n = traj.states[elr.state].shape[-1]
+    w = _per_unit(elr.write_gain_unit, vals, (T, B, n))
+    lam = _per_unit(elr.leak_unit, vals, (T, B, n))
+    logl, signl = _window_log_product(np.log(np.where(lam == 0, 1.0, np.abs(lam))), lam < 0, lam == 0, max_lag)
+    if convention == "s1":
+        # inclusive product of the write gain: prod_{j=t-ell}^{t} w_j = w_t * prod_{j=t-ell}^{t-1} w_j
+        lw, sw = _window_log_product(np.log(np.where(w == 0, 1.0, np.abs(w))), w < 0, w == 0, max_lag + 1)
+        log_abs, sign = lw[:, 1:], sw[:, 1:]
+    else:
+        log_abs, sign = logl, signl
+        if convention == "exact":
+            # times the write gain of step t - ell
+            lo = np.arange(1, T + 1)[:, None] - np.arange(max_lag + 1)[None, :]  # step k = t - ell
+            kidx = np.clip(lo - 1, 0, None)
+            wk = w[kidx]  # (T, L+1, B, n)
+            log_abs = log_abs + np.log(np.where(wk == 0, 1.0, np.abs(wk))) + np.where(wk == 0, -np.inf, 0.0)
+            sign = sign * np.where(wk < 0, -1.0, 1.0)
+    lo = np.arange(1, T + 1)[:, None] - np.arange(max_lag + 1)[None, :]
+    invalid = (lo < 1)[:, :, None, None]
+    log_abs = np.where(invalid, -np.inf, log_abs)
+    fo = None
+    if first_order:
+        r = _diagonal_rest(cell, params, vals, elr.state, (T, B, n))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(lam == 0, np.nan, r / np.where(lam == 0, 1.0, lam))
+        R = np.concatenate([np.zeros_like(ratio[:1]), np.cumsum(ratio, axis=0)])
+        tt = np.arange(1, T + 1)[:, None]
+        lo_c = np.clip(tt - np.arange(max_lag + 1)[None, :], 0, None)
+        S = R[np.broadcast_to(tt, lo_c.shape)] - R[lo_c]
+        with np.errstate(invalid="ignore"):
+            fo = np.where(invalid, 0.0, sign * np.exp(log_abs) * S)
+    return EffectiveLRTrajectory(elr.param, elr.state, convention, log_abs, sign * np.ones_like(log_abs), w, lam, fo)
+
+
+def _diagonal_rest(cell: Cell, params: Mapping[str, np.ndarray], vals: Mapping[str, Any], state: str,
+                   shape: tuple[int, int, int]) -> np.ndarray:
+    """Exact diagonal of the non-leak part of dstate'/dstate at every step, ``(T, B, n)``."""
+    J = jacobian(cell, state, state).select("candidate", "gate", "reset")
+    T, B, n = shape
+    out = np.zeros(shape)
+    flat = {k: (v.reshape(T * B, -1) if isinstance(v, np.ndarray) and v.ndim == 3 else v) for k, v in vals.items()}
+    for term in J.terms:
+        mats = [f for f in term.factors if f.kind == "matrix"]
+        if len(mats) <= 1:  # per-unit closed form: coefficient * factors with M's diagonal entries
+            from ._derive._expansion import _diagonal_of_terms
+
+            e = _diagonal_of_terms([term])
+            out = out + _per_unit(e, vals, shape)  # type: ignore[arg-type]
+        else:  # a longer chain (GRU's reset path): its exact diagonal from the dense chain
+            dense = StructuredJacobian(J.of, J.wrt, (term,), J.rows, J.cols).evaluate(flat, params)
+            out = out + np.diagonal(dense, axis1=1, axis2=2).reshape(shape)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Jacobian products and the expansion check
+# ----------------------------------------------------------------------------
+
+
+class JacobianProducts:
+    r"""Dense per-step Jacobians of a run, split as ``J_j = A_j + B_j``, and their products.
+
+    ``A[j-1]``, ``B[j-1]`` are ``(B, N, N)`` for steps ``j = 1..T`` (``N`` = total state
+    size; states stacked in declaration order).  Products are in chain-rule order.
+    For checking and for moderate sizes: memory is ``2 T B N^2``.
+    """
+
+    def __init__(self, cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any = None, *,
+                 split: str | Sequence[str] = "appendix", trajectory: Trajectory | None = None) -> None:
+        sp = make_split(cell, split)  # validates the split
+        self.cell = cell
+        self.split = sp
+        k = reference_kernel(cell, "float64")
+        self.trajectory = traj = trajectory if trajectory is not None else k.forward(params, x, h0)
+        vals = step_values(cell, params, traj)
+        T, Bsz = traj.x.shape[:2]
+        flat = {kk: (v.reshape(T * Bsz, -1) if isinstance(v, np.ndarray) and v.ndim == 3 else v) for kk, v in vals.items()}
+        blocks_A, blocks_B = [], []
+        names = cell.state_names
+        for a in names:
+            row_A, row_B = [], []
+            for b in names:
+                blk = jacobian(cell, a, b)
+                sizes = {s.dim: traj.states[s.name].shape[-1] for s in cell.states}
+                sizes.update({1: 1})
+                sizes.update({d: np.shape(vals[lf.name])[-1] for lf in cell.inputs for d in [lf.dim]})
+                rest = tuple(o for o in ORIGINS if o not in sp.origins)
+                row_A.append(blk.select(*rest).evaluate(flat, params, _all_sizes(cell, traj)))
+                row_B.append(blk.select(*sp.origins).evaluate(flat, params, _all_sizes(cell, traj)))
+            blocks_A.append(np.concatenate(row_A, axis=2))
+            blocks_B.append(np.concatenate(row_B, axis=2))
+        N = sum(traj.states[s].shape[-1] for s in names)
+        self.A = np.concatenate(blocks_A, axis=1).reshape(T, Bsz, N, N)
+        self.B = np.concatenate(blocks_B, axis=1).reshape(T, Bsz, N, N)
+        self.T = T
+
+    def _check(self, t: int, k: int) -> None:
+        if not (0 <= k < t <= self.T):
+            raise ShapeError(f"need 0 <= k < t <= T = {self.T}, got t={t}, k={k}")
+
+    def product(self, t: int, k: int, eps: float = 1.0) -> np.ndarray:
+        r""":math:`F(\varepsilon)=\prod_{j=k+1}^{t}(A_j+\varepsilon B_j)`; ``eps=1`` is the exact product."""
+        self._check(t, k)
+        P = np.broadcast_to(np.eye(self.A.shape[-1]), self.A.shape[1:]).copy()
+        for j in range(k + 1, t + 1):  # multiply later factors on the left
+            P = (self.A[j - 1] + eps * self.B[j - 1]) @ P
+        return P
+
+    def exact(self, t: int, k: int) -> np.ndarray:
+        """:math:`J_t\\cdots J_{k+1}`."""
+        return self.product(t, k, 1.0)
+
+    def zeroth(self, t: int, k: int) -> np.ndarray:
+        """:math:`A_t\\cdots A_{k+1}`."""
+        return self.product(t, k, 0.0)
+
+    def first(self, t: int, k: int) -> np.ndarray:
+        r"""The first-order term :math:`L=\sum_i(\prod_{j>i}A_j)B_i(\prod_{j<i}A_j)` (prefix/suffix products)."""
+        self._check(t, k)
+        N = self.A.shape[-1]
+        eye = np.broadcast_to(np.eye(N), self.A.shape[1:])
+        prefix = [eye]  # prefix[i - k - 1] = A_{i-1} ... A_{k+1}
+        for j in range(k + 1, t):
+            prefix.append(self.A[j - 1] @ prefix[-1])
+        out = np.zeros(self.A.shape[1:])
+        suffix = eye.copy()  # A_t ... A_{i+1}
+        for i in range(t, k, -1):
+            out = out + suffix @ self.B[i - 1] @ prefix[i - k - 1]
+            suffix = suffix @ self.A[i - 1]
+        return out
+
+    def check_expansion(self, t: int, k: int, eps: Sequence[float] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
+                        fit_points: int = 5) -> dict[str, Any]:
+        r"""The appendix check: :math:`E(\varepsilon)=\lVert F(\varepsilon)-F_0-\varepsilon L\rVert_F`,
+        :math:`C_2=E/\varepsilon^2`, the log-log slope over the first ``fit_points`` values, the
+        remainder at :math:`\varepsilon=1` (absolute and relative), the ratios
+        :math:`r_j=\lVert B_j\rVert_2/\lVert A_j\rVert_2`, and the first-order term against a
+        central difference of :math:`F` at 0.  Norms are per sequence, then the median over the batch.
+        """
+        eps = np.asarray(eps, dtype=float)
+        F0, L = self.zeroth(t, k), self.first(t, k)
+        E = np.array([np.median(np.linalg.norm(self.product(t, k, e) - F0 - e * L, axis=(-2, -1))) for e in eps])
+        m = min(fit_points, len(eps))
+        ok = E[:m] > 0
+        slope = float(np.polyfit(np.log(eps[:m][ok]), np.log(E[:m][ok]), 1)[0]) if ok.sum() >= 2 else float("nan")
+        F1 = self.exact(t, k)
+        h = 1e-4
+        fd = (self.product(t, k, h) - self.product(t, k, -h)) / (2 * h)
+        nA = np.linalg.norm(self.A[k:t], ord=2, axis=(-2, -1))
+        nB = np.linalg.norm(self.B[k:t], ord=2, axis=(-2, -1))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = nB / nA
+        at1 = np.linalg.norm(F1 - F0 - L, axis=(-2, -1))
+        return {
+            "eps": eps,
+            "error": E,
+            "C2": E / eps**2,
+            "slope": slope,
+            "remainder_at_1": float(np.median(at1)),
+            "remainder_at_1_rel_F": float(np.median(at1 / np.linalg.norm(F1, axis=(-2, -1)))),
+            "remainder_at_1_rel_F0L": float(np.median(at1 / np.linalg.norm(F0 + L, axis=(-2, -1)))),
+            "first_vs_central_difference": float(np.max(np.abs(fd - L)) / max(1e-300, float(np.max(np.abs(L))))),
+            "ratio_B_A": {"median": float(np.nanmedian(r)), "p90": float(np.nanpercentile(r, 90)),
+                          "p99": float(np.nanpercentile(r, 99)), "max": float(np.nanmax(r))},
+            "norm_F0": float(np.median(np.linalg.norm(F0, axis=(-2, -1)))),
+            "norm_L": float(np.median(np.linalg.norm(L, axis=(-2, -1)))),
+        }
+
+
+def _all_sizes(cell: Cell, traj: Trajectory) -> dict[Dim, int]:
+    sizes: dict[Dim, int] = {1: 1}
+    for s in cell.states:
+        sizes[s.dim] = traj.states[s.name].shape[-1]
+    sizes[cell.inputs[0].dim] = traj.x.shape[-1]
+    for nd_name, v in traj.nodes.items():
+        nd = cell.node(nd_name)
+        if nd is not None:
+            sizes.setdefault(nd.dim, v.shape[-1])
+    return sizes
+
+
+# ----------------------------------------------------------------------------
+# per-lag gradient contributions
+# ----------------------------------------------------------------------------
+
+
+def per_lag_gradients(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any, cotangents: np.ndarray,
+                      param: str, max_lag: int, *, eps: float = 1.0, split: str | Sequence[str] = "coupling") -> np.ndarray:
+    r"""Exact lag-``ell`` contributions :math:`G_\ell=\sum_t \delta_t^\top(\prod_{j=t-\ell+1}^{t}J_j)\,\partial^+h_{t-\ell}/\partial\theta`
+    of the state named by :func:`~symgate._derive._expansion.retention_state`, ``(max_lag + 1, *shape)``.
+
+    ``cotangents`` is :math:`\delta_t=\partial L/\partial h_t` of that state, ``(T, B, n)``.  Computed
+    from dense Jacobians (an independent route from BPTT); with ``eps`` the coupling part
+    ``B`` of ``split`` is scaled, ``J = A + eps*B``.  Sum over all lags = the BPTT gradient
+    (for ``eps = 1`` and ``max_lag >= T - 1``).
+    """
+    state = retention_state(cell, None)
+    jp = JacobianProducts(cell, params, x, h0, split=split)
+    traj = jp.trajectory
+    T, B = traj.x.shape[:2]
+    names = cell.state_names
+    off = sum(traj.states[s].shape[-1] for s in names[: names.index(state)])
+    n = traj.states[state].shape[-1]
+    k = reference_kernel(cell, "float64")
+    pj = parameter_jacobian(cell, param, state)
+    shape = np.shape(params[param])
+    out = np.zeros((max_lag + 1,) + shape)
+    PJ = []
+    for step in range(1, T + 1):
+        vals = k._values_at(traj, params, step - 1)
+        PJ.append(pj.evaluate(vals, params, _all_sizes(cell, traj)))  # (B, n, *shape)
+    sl = slice(off, off + n)
+    for t in range(1, T + 1):
+        P = np.broadcast_to(np.eye(jp.A.shape[-1]), jp.A.shape[1:]).copy()
+        for ell in range(0, min(max_lag, t - 1) + 1):
+            kk = t - ell
+            if ell > 0:
+                P = P @ (jp.A[kk] + eps * jp.B[kk])  # extend on the right: J_t ... J_{kk+1}
+            blockP = P[:, sl, sl]
+            row = np.einsum("bi,bij->bj", cotangents[t - 1], blockP)
+            out[ell] += np.einsum("bj,bj...->...", row, PJ[kk - 1])
+    return out
+
+
+def lag_weighted_gradients(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any, cotangents: np.ndarray,
+                           param: str, max_lag: int, *, mu: EffectiveLRTrajectory | None = None) -> np.ndarray:
+    r"""Zeroth-order lag-``ell`` contributions predicted by :math:`\mu`:
+    :math:`\sum_t \sum_b (\delta_t\odot\mu_{t,\ell}\odot\rho_{t-\ell})\otimes v_{t-\ell}`, with
+    :math:`\rho = \partial N/\partial z` the node's own sensitivity and ``v`` the vector the
+    parameter multiplies; ``(max_lag + 1, *shape)``."""
+    elr = effective_lr(cell, param)
+    if mu is None:
+        mu = effective_lrs(cell, params, x, h0, param=param, max_lag=max_lag)
+    k = reference_kernel(cell, "float64")
+    traj = k.forward(params, x, h0)
+    vals = step_values(cell, params, traj)
+    T, B = traj.x.shape[:2]
+    n = traj.states[elr.state].shape[-1]
+    rho = _per_unit(elr.sensitivity_unit, vals, (T, B, n))
+    kind = next(p.kind for p in cell.params if p.name == param)
+    m = mu.mu  # (T, L+1, B, n)
+    out = np.zeros((max_lag + 1,) + np.shape(params[param]))
+    src = vals[elr.source] if elr.source else None
+    for ell in range(max_lag + 1):
+        if ell >= T:
+            break
+        d = cotangents[ell:] * m[ell:, ell] * rho[: T - ell]  # (T-ell, B, n): steps t = ell+1..T
+        if kind == "matrix":
+            v = np.broadcast_to(src[: T - ell], d.shape[:2] + (np.shape(src)[-1],))  # type: ignore[index]
+            out[ell] = np.einsum("tbi,tbj->ij", d, v)
+        elif kind == "vector":
+            out[ell] = d.sum(axis=(0, 1))
+        else:
+            out[ell] = d.sum()
+    return out
