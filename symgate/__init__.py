@@ -17,3 +17,4 @@ from ._derive._expansion import ell as ell, t as t
 from ._transport import EffectiveLRTrajectory as EffectiveLRTrajectory, JacobianProducts as JacobianProducts
 from ._transport import decoupled as decoupled, effective_lrs as effective_lrs
 from ._transport import lag_weighted_gradients as lag_weighted_gradients, per_lag_gradients as per_lag_gradients
+from . import analogies as analogies
