@@ -88,25 +88,64 @@ def decoupled(cell: Cell, params: Mapping[str, np.ndarray]) -> dict[str, np.ndar
 # ----------------------------------------------------------------------------
 
 
-def _window_log_product(logabs: np.ndarray, negative: np.ndarray, zero: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:
-    """log|prod_{j=t-ell+1}^{t} v_j| and its sign for all t, 0 <= ell <= max_lag.
+def _cumulative(v: np.ndarray) -> np.ndarray:
+    """``C[t] = sum_{j <= t} v_j`` for ``t = 0..T`` (``C[0] = 0``), along axis 0."""
+    out = np.empty((v.shape[0] + 1,) + v.shape[1:], dtype=np.result_type(v, np.float64) if v.dtype != np.int64 else np.int64)
+    out[0] = 0
+    np.cumsum(v, axis=0, out=out[1:])
+    return out
 
-    Inputs are ``(T, ...)``; outputs ``(T, max_lag + 1, ...)``.  Zeros are counted
-    separately so a zero factor gives exactly ``-inf`` (never ``-inf - -inf``).
+
+def _lag_differences(top: np.ndarray, bottom: np.ndarray, max_lag: int, offset: int, fill: Any) -> np.ndarray:
+    """``out[t-1, ell] = top[t] - bottom[t - ell - offset]`` for steps ``t = 1..T``, lags ``0..max_lag``,
+    and ``fill`` where ``t - ell < 1`` (the lag reaches before step 1).
+
+    One vectorised subtraction per lag over all steps, sequences and neurons (contiguous
+    slices, no gather): the cost is one pass over the output.
     """
-    T = logabs.shape[0]
-    L = max_lag
-    C = np.concatenate([np.zeros_like(logabs[:1]), np.cumsum(logabs, axis=0)])  # C[t] = sum_{j<=t}
-    N = np.concatenate([np.zeros_like(negative[:1], dtype=np.int64), np.cumsum(negative, axis=0, dtype=np.int64)])
-    Z = np.concatenate([np.zeros_like(zero[:1], dtype=np.int64), np.cumsum(zero, axis=0, dtype=np.int64)])
-    tt = np.arange(1, T + 1)[:, None]
-    ll = np.arange(L + 1)[None, :]
-    lo = np.clip(tt - ll, 0, None)  # C index of the window start (t - ell), clipped for invalid windows
-    hi = np.broadcast_to(tt, lo.shape)
-    out = C[hi] - C[lo]
-    sign = np.where((N[hi] - N[lo]) % 2 == 1, -1.0, 1.0)
-    out = np.where((Z[hi] - Z[lo]) > 0, -np.inf, out)
-    return out, sign
+    T = top.shape[0] - 1
+    out = np.empty((T, max_lag + 1) + top.shape[1:], dtype=np.result_type(top, bottom))
+    for ell in range(max_lag + 1):
+        if ell < T:
+            np.subtract(top[ell + 1:], bottom[1 - offset:T + 1 - ell - offset], out=out[ell:, ell])
+        out[:min(ell, T), ell] = fill
+    return out
+
+
+def _log_window_products(v: np.ndarray, max_lag: int, *, gain: np.ndarray | None = None, inclusive: bool = False
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
+    r"""Log-domain ``log|prod|`` and sign of windowed products of ``v`` (``(T, ...)``) for all steps and lags.
+
+    ``inclusive=False``: :math:`\prod_{j=t-\ell+1}^{t} v_j`, times ``gain_{t-ell}`` if given;
+    ``inclusive=True``: :math:`\prod_{j=t-\ell}^{t} v_j`.  Zero factors give ``-inf`` exactly
+    (counted apart, never ``-inf - -inf``); the sign is ``None`` when nothing is negative.
+    """
+    zero = v == 0
+    C = _cumulative(np.log(np.where(zero, 1.0, np.abs(v))))
+    bottom = C
+    offset = 1 if inclusive else 0
+    if gain is not None:
+        gzero = gain == 0
+        K = C.copy()
+        K[1:] -= np.log(np.where(gzero, 1.0, np.abs(gain)))
+        bottom = K
+    log_abs = _lag_differences(C, bottom, max_lag, offset, -np.inf)
+    if zero.any() or (gain is not None and gzero.any()):
+        Z = _cumulative(zero.astype(np.int64))
+        Zb = Z.copy()
+        if gain is not None:
+            Zb[1:] -= gzero.astype(np.int64)
+        nz = _lag_differences(Z, Zb, max_lag, offset, 0)
+        log_abs[nz > 0] = -np.inf
+    sign = None
+    neg = v < 0
+    if neg.any() or (gain is not None and (gain < 0).any()):
+        Nn = _cumulative(neg.astype(np.int64))
+        Nb = Nn.copy()
+        if gain is not None:
+            Nb[1:] -= (gain < 0).astype(np.int64)
+        sign = 1.0 - 2.0 * (_lag_differences(Nn, Nb, max_lag, offset, 0) % 2)
+    return log_abs, sign
 
 
 @dataclass
@@ -123,14 +162,18 @@ class EffectiveLRTrajectory:
     state: str
     convention: str
     log_abs_mu: np.ndarray
-    sign: np.ndarray
+    sign: np.ndarray | None  # None: every entry is >= 0
     write_gain: np.ndarray
     leak: np.ndarray
     first_order: np.ndarray | None = None
 
     @property
     def mu(self) -> np.ndarray:
-        return self.sign * np.exp(self.log_abs_mu)
+        """:math:`\mu` itself, ``(T, L+1, B, n)`` (0 where the lag does not exist or underflows)."""
+        out = np.exp(self.log_abs_mu)
+        if self.sign is not None:
+            out *= self.sign
+        return out
 
     @property
     def max_lag(self) -> int:
@@ -186,37 +229,24 @@ def effective_lrs(
     vals = step_values(cell, params, traj)
     T, B = traj.x.shape[:2]
     n = traj.states[elr.state].shape[-1]
-    w = _per_unit(elr.write_gain_unit, vals, (T, B, n))
-    lam = _per_unit(elr.leak_unit, vals, (T, B, n))
-    logl, signl = _window_log_product(np.log(np.where(lam == 0, 1.0, np.abs(lam))), lam < 0, lam == 0, max_lag)
+    w = np.ascontiguousarray(_per_unit(elr.write_gain_unit, vals, (T, B, n)))
+    lam = np.ascontiguousarray(_per_unit(elr.leak_unit, vals, (T, B, n)))
     if convention == "s1":
-        # inclusive product of the write gain: prod_{j=t-ell}^{t} w_j = w_t * prod_{j=t-ell}^{t-1} w_j
-        lw, sw = _window_log_product(np.log(np.where(w == 0, 1.0, np.abs(w))), w < 0, w == 0, max_lag + 1)
-        log_abs, sign = lw[:, 1:], sw[:, 1:]
+        log_abs, sign = _log_window_products(w, max_lag, inclusive=True)
+    elif convention == "followup":
+        log_abs, sign = _log_window_products(lam, max_lag)
     else:
-        log_abs, sign = logl, signl
-        if convention == "exact":
-            # times the write gain of step t - ell
-            lo = np.arange(1, T + 1)[:, None] - np.arange(max_lag + 1)[None, :]  # step k = t - ell
-            kidx = np.clip(lo - 1, 0, None)
-            wk = w[kidx]  # (T, L+1, B, n)
-            log_abs = log_abs + np.log(np.where(wk == 0, 1.0, np.abs(wk))) + np.where(wk == 0, -np.inf, 0.0)
-            sign = sign * np.where(wk < 0, -1.0, 1.0)
-    lo = np.arange(1, T + 1)[:, None] - np.arange(max_lag + 1)[None, :]
-    invalid = (lo < 1)[:, :, None, None]
-    log_abs = np.where(invalid, -np.inf, log_abs)
+        log_abs, sign = _log_window_products(lam, max_lag, gain=w)
     fo = None
     if first_order:
         r = _diagonal_rest(cell, params, vals, elr.state, (T, B, n))
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(lam == 0, np.nan, r / np.where(lam == 0, 1.0, lam))
-        R = np.concatenate([np.zeros_like(ratio[:1]), np.cumsum(ratio, axis=0)])
-        tt = np.arange(1, T + 1)[:, None]
-        lo_c = np.clip(tt - np.arange(max_lag + 1)[None, :], 0, None)
-        S = R[np.broadcast_to(tt, lo_c.shape)] - R[lo_c]
-        with np.errstate(invalid="ignore"):
-            fo = np.where(invalid, 0.0, sign * np.exp(log_abs) * S)
-    return EffectiveLRTrajectory(elr.param, elr.state, convention, log_abs, sign * np.ones_like(log_abs), w, lam, fo)
+        R = _cumulative(ratio)
+        S = _lag_differences(R, R, max_lag, 0, 0.0)
+        mu0 = np.exp(log_abs) if sign is None else sign * np.exp(log_abs)
+        fo = np.where(np.isneginf(log_abs), 0.0, mu0 * S)
+    return EffectiveLRTrajectory(elr.param, elr.state, convention, log_abs, sign, w, lam, fo)
 
 
 def _diagonal_rest(cell: Cell, params: Mapping[str, np.ndarray], vals: Mapping[str, Any], state: str,
