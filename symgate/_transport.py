@@ -169,7 +169,7 @@ class EffectiveLRTrajectory:
 
     @property
     def mu(self) -> np.ndarray:
-        """:math:`\mu` itself, ``(T, L+1, B, n)`` (0 where the lag does not exist or underflows)."""
+        r""":math:`\mu` itself, ``(T, L+1, B, n)`` (0 where the lag does not exist or underflows)."""
         out = np.exp(self.log_abs_mu)
         if self.sign is not None:
             out *= self.sign
