@@ -75,9 +75,33 @@ def _print_derivation(c: Cell, latex: bool) -> None:
                 print("   " + (pj.latex() if latex else str(pj)))
 
 
+def _print_expansion(c: Cell, latex: bool, how: str) -> None:
+    from ._derive._expansion import expansion
+
+    print(f"-- first-order expansion of the Jacobian product (split {how!r}), F(eps) = prod_j (A_j + eps B_j)")
+    ex = expansion(c, how)
+    print(ex.latex() if latex else str(ex))
+
+
+def _print_effective_lr(c: Cell, latex: bool) -> None:
+    from ._derive._expansion import effective_lr
+
+    print("-- effective learning rate mu[t, ell] (zeroth order in the coupling)")
+    try:
+        elr = effective_lr(c)
+    except SymgateError as exc:
+        print(f"   (none: {exc})")
+        return
+    print(elr.latex() if latex else str(elr))
+
+
 def _cmd_derive(args: argparse.Namespace) -> int:
     c = load_cell(args.cell)
     _print_derivation(c, args.latex)
+    if args.expansion:
+        _print_expansion(c, args.latex, args.split)
+    if args.effective_lr:
+        _print_effective_lr(c, args.latex)
     return 0
 
 
@@ -95,6 +119,31 @@ def _table(rows: list[tuple[str, dict, bool]]) -> str:
         lines.append("tolerance      " + " ".join(f"{tol[c].tolerance:10.1e}" if c in tol else f"{'-':>10s}" for c in _COLUMNS)
                      + "  (float64 unless noted; bptt_cs/adjoint/float32 scale with T)")
     return "\n".join(lines)
+
+
+def _print_mu_table(cells: Sequence[Cell], seed: int) -> None:
+    """Numeric mu on a random problem: mean over steps, sequences and neurons, per lag."""
+    import numpy as np
+
+    from ._transport import effective_lrs
+    from .testing import draw_problem
+
+    lags = (0, 1, 2, 5, 10, 20, 40)
+    n, B, T = 16, 8, 60
+    print(f"== effective learning rates on a random problem (n={n}, B={B}, T={T}): mean mu[t, ell] over t, b, neurons")
+    print(f"{'cell':14s} {'param':6s} {'state':5s} " + " ".join(f"{'ell=' + str(l):>9s}" for l in lags) + "  spread over neurons at ell=5")
+    for c in cells:
+        prob = draw_problem(c, seed, n=n, m=2, B=B, T=T, rho=0.9)
+        try:
+            mu = effective_lrs(c, prob.params, prob.x, prob.h0, max_lag=max(lags))
+        except SymgateError as exc:
+            print(f"{c.name:14s} (no effective learning rate: {exc})")
+            continue
+        means = mu.mean_envelope()
+        v = mu.valid()[:, 5]
+        per_neuron = mu.mu[v, 5].mean(axis=(0, 1))
+        spread = f"max/min = {per_neuron.max() / per_neuron.min():.3g}" if per_neuron.min() > 0 else "n/a (no leak: mu = 0)"
+        print(f"{c.name:14s} {mu.param:6s} {mu.state:5s} " + " ".join(f"{means[l]:9.2e}" for l in lags) + f"  {spread}")
 
 
 def _verify_rows(cells: Sequence[Cell], examples: int, seed: int) -> tuple[list[tuple[str, dict, bool]], bool]:
@@ -122,9 +171,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cells = [builtin(name) for name in BUILTIN]
     for c in cells:
         _print_derivation(c, latex=False)
+        _print_effective_lr(c, latex=False)
         print()
     t1 = time.perf_counter()
     print(f"derived {len(cells)} built-in cells in {t1 - t0:.2f} s")
+    print()
+    _print_mu_table(cells, args.seed)
     print()
     print(f"== verification battery ({args.examples} random problems per cell; worst error per oracle)")
     rows, ok = _verify_rows(cells, args.examples, args.seed)
@@ -152,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = sub.add_parser("derive", help="print the derived Jacobians of a cell")
     d.add_argument("cell", help="built-in name or path/to/file.py:name")
     d.add_argument("--latex", action="store_true", help="print LaTeX instead of text")
+    d.add_argument("--expansion", action="store_true", help="also print the first-order expansion of Jacobian products")
+    d.add_argument("--split", default="appendix", choices=["appendix", "coupling", "diagonal"],
+                   help="which terms form the perturbation B in --expansion (default: appendix = gate terms)")
+    d.add_argument("--effective-lr", action="store_true", help="also print the per-lag effective learning rate")
     d.set_defaults(func=_cmd_derive)
     v = sub.add_parser("verify", help="run the verification battery on a cell")
     v.add_argument("cell")

@@ -72,3 +72,17 @@ def test_module_entry_point() -> None:
     r = subprocess.run([sys.executable, "-m", "symgate", "derive", "plain"], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert "diag(1 - phi**2)*W" in r.stdout
+
+
+def test_derive_expansion_and_effective_lr(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["derive", "leaky", "--expansion", "--split", "coupling", "--effective-lr"]) == 0
+    out = capsys.readouterr().out
+    assert "F0 = diag((1 - alpha)**ell)" in out
+    assert "mu[t, ell]   = alpha*(1 - alpha)**ell" in out
+
+
+def test_derive_effective_lr_latex_and_cell_without_leak(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["derive", "vector_gate", "--effective-lr", "--latex"]) == 0
+    assert r"\mu_{t,\ell}" in capsys.readouterr().out
+    assert main(["derive", "plain", "--effective-lr"]) == 0
+    assert "0**ell" in capsys.readouterr().out  # no leak: only the immediate term (ell = 0) survives
