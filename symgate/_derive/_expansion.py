@@ -317,6 +317,11 @@ class Expansion:
             lines.append(f"  diagonal mu1 = {sympy.sstr(self.diagonal_first_order)}")
         return "\n".join(lines)
 
+    def pretty(self) -> str:
+        """Unicode rendering of the zeroth- and first-order terms."""
+        parts = ["F0 =", sympy.pretty(self.zeroth), "L =", sympy.pretty(self.first)]
+        return "\n".join(parts)
+
     def latex(self) -> str:
         rows = [rf"F_0 &= {sympy.latex(self.zeroth)}", rf"L &= {sympy.latex(self.first)}"]
         if self.diagonal_first_order is not None:
@@ -442,6 +447,15 @@ class EffectiveLR:
         if self.isotropic:
             return n * sympy.Abs(self.mu)
         return Sum(sympy.Abs(_per_neuron(self.mu, q)), (q, 1, n))
+
+    @property
+    def normalised_envelope(self) -> sympy.Expr:
+        r"""The envelope divided by the number of neurons: the mean :math:`|\mu|` over neurons."""
+        return self.envelope / dim_symbol(self.cell.leaf(self.state).dim)  # type: ignore[union-attr]
+
+    def pretty(self) -> str:
+        """Unicode rendering of mu."""
+        return sympy.pretty(self.mu)
 
     def __str__(self) -> str:
         iso = "isotropic" if self.isotropic else "per neuron (anisotropic)"
