@@ -97,46 +97,77 @@ def _cumulative(v: np.ndarray) -> np.ndarray:
 
 
 def _lag_differences(top: np.ndarray, bottom: np.ndarray, max_lag: int, offset: int, fill: Any) -> np.ndarray:
-    """``out[t-1, ell] = top[t] - bottom[t - ell - offset]`` for steps ``t = 1..T``, lags ``0..max_lag``,
-    and ``fill`` where ``t - ell < 1`` (the lag reaches before step 1).
-
-    One vectorised subtraction per lag over all steps, sequences and neurons (contiguous
-    slices, no gather): the cost is one pass over the output.
-    """
+    """Lag-major ``out[ell, t-1] = top[t] - bottom[t - ell - offset]`` for steps ``t = 1..T``, lags
+    ``0..max_lag``, and ``fill`` where ``t - ell < 1`` (the lag reaches before step 1).  Used for
+    exact integer counts (zeros, negative signs)."""
     T = top.shape[0] - 1
-    out = np.empty((T, max_lag + 1) + top.shape[1:], dtype=np.result_type(top, bottom))
+    out = np.empty((max_lag + 1, T) + top.shape[1:], dtype=np.result_type(top, bottom))
     for ell in range(max_lag + 1):
         if ell < T:
-            np.subtract(top[ell + 1:], bottom[1 - offset:T + 1 - ell - offset], out=out[ell:, ell])
-        out[:min(ell, T), ell] = fill
+            np.subtract(top[ell + 1:], bottom[1 - offset:T + 1 - ell - offset], out=out[ell, ell:])
+        out[ell, :min(ell, T)] = fill
     return out
 
 
-def _log_window_products(v: np.ndarray, max_lag: int, *, gain: np.ndarray | None = None, inclusive: bool = False
-                         ) -> tuple[np.ndarray, np.ndarray | None]:
+def _lag_sums(v: np.ndarray, max_lag: int, *, gain: np.ndarray | None = None, inclusive: bool = False,
+              exp_out: np.ndarray | None = None) -> np.ndarray:
+    """Lag-major windowed sums for all steps and lags: ``out[ell, t-1]`` =
+    ``sum_{j=t-ell+1}^{t} v_j`` (+ ``gain_{t-ell}``), or ``sum_{j=t-ell}^{t} v_j`` when
+    ``inclusive``; ``-inf`` where ``t - ell < 1``.  With ``exp_out``, also its exponential
+    (fused, while each lag's slice is in cache).
+
+    Each lag adds one term to the previous lag's running sums (one vectorised pass over
+    contiguous slices), so the rounding error grows with the lag, not with the step:
+    ``|error| <= ell * eps * sum |v_j|`` over the window only.
+    """
+    T = v.shape[0]
+    out = np.empty((max_lag + 1,) + v.shape, dtype=np.result_type(v, np.float64))
+    run = v.astype(out.dtype, copy=True) if inclusive else np.zeros_like(v, dtype=out.dtype)
+    for ell in range(max_lag + 1):
+        if ell >= T:
+            out[ell] = -np.inf
+        else:
+            if ell > 0:  # extend each window one step into the past
+                if inclusive:
+                    run[ell:] += v[:T - ell]
+                else:
+                    run[ell:] += v[1:T - ell + 1]
+            if gain is not None:
+                np.add(run[ell:], gain[:T - ell], out=out[ell, ell:])
+            else:
+                out[ell, ell:] = run[ell:]
+            out[ell, :ell] = -np.inf
+        if exp_out is not None:
+            np.exp(out[ell], out=exp_out[ell])
+    return out
+
+
+def _log_window_products(v: np.ndarray, max_lag: int, *, gain: np.ndarray | None = None, inclusive: bool = False,
+                         exp_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     r"""Log-domain ``log|prod|`` and sign of windowed products of ``v`` (``(T, ...)``) for all steps and lags.
 
     ``inclusive=False``: :math:`\prod_{j=t-\ell+1}^{t} v_j`, times ``gain_{t-ell}`` if given;
     ``inclusive=True``: :math:`\prod_{j=t-\ell}^{t} v_j`.  Zero factors give ``-inf`` exactly
-    (counted apart, never ``-inf - -inf``); the sign is ``None`` when nothing is negative.
+    and signs come from exact integer counts (cumulative sums of integers differ exactly);
+    the sign is ``None`` when nothing is negative.
     """
     zero = v == 0
-    C = _cumulative(np.log(np.where(zero, 1.0, np.abs(v))))
-    bottom = C
-    offset = 1 if inclusive else 0
+    logv = np.log(np.where(zero, 1.0, np.abs(v)))
+    loggain = None
     if gain is not None:
         gzero = gain == 0
-        K = C.copy()
-        K[1:] -= np.log(np.where(gzero, 1.0, np.abs(gain)))
-        bottom = K
-    log_abs = _lag_differences(C, bottom, max_lag, offset, -np.inf)
+        loggain = np.log(np.where(gzero, 1.0, np.abs(gain)))
+    log_abs = _lag_sums(logv, max_lag, gain=loggain, inclusive=inclusive, exp_out=exp_out)
+    offset = 1 if inclusive else 0
     if zero.any() or (gain is not None and gzero.any()):
         Z = _cumulative(zero.astype(np.int64))
         Zb = Z.copy()
         if gain is not None:
             Zb[1:] -= gzero.astype(np.int64)
-        nz = _lag_differences(Z, Zb, max_lag, offset, 0)
-        log_abs[nz > 0] = -np.inf
+        nz = _lag_differences(Z, Zb, max_lag, offset, 0) > 0
+        log_abs[nz] = -np.inf
+        if exp_out is not None:
+            exp_out[nz] = 0.0
     sign = None
     neg = v < 0
     if neg.any() or (gain is not None and (gain < 0).any()):
@@ -145,35 +176,52 @@ def _log_window_products(v: np.ndarray, max_lag: int, *, gain: np.ndarray | None
         if gain is not None:
             Nb[1:] -= (gain < 0).astype(np.int64)
         sign = 1.0 - 2.0 * (_lag_differences(Nn, Nb, max_lag, offset, 0) % 2)
+        if exp_out is not None:
+            exp_out *= sign
     return log_abs, sign
 
 
-@dataclass
 class EffectiveLRTrajectory:
     r"""``mu[t-1, ell, b, q]`` for steps ``t = 1..T`` and lags ``ell = 0..max_lag``.
 
     ``log_abs_mu`` and ``sign`` hold :math:`\mu` in log domain (``-inf`` where the lag
-    reaches before step 1 or a factor is 0); ``mu`` is its exponential.  ``write_gain``
-    and ``leak`` are ``(T, B, n)``; ``first_order`` (diagonal split, optional) is
-    :math:`\mu^{(1)}` with the same layout as ``mu``.
+    reaches before step 1 or a factor is 0; ``sign`` is None when no entry is negative);
+    ``mu`` is :math:`\mu` itself.  ``write_gain`` and ``leak`` are ``(T, B, n)``;
+    ``first_order`` (diagonal split, optional) is :math:`\mu^{(1)}`, laid out like ``mu``.
+    The arrays are stored lag-major and exposed as ``(T, L+1, B, n)`` views.
     """
 
-    param: str
-    state: str
-    convention: str
-    log_abs_mu: np.ndarray
-    sign: np.ndarray | None  # None: every entry is >= 0
-    write_gain: np.ndarray
-    leak: np.ndarray
-    first_order: np.ndarray | None = None
+    def __init__(self, param: str, state: str, convention: str, log_lm: np.ndarray, sign_lm: np.ndarray | None,
+                 write_gain: np.ndarray, leak: np.ndarray, mu_lm: np.ndarray | None = None,
+                 first_order_lm: np.ndarray | None = None) -> None:
+        self.param, self.state, self.convention = param, state, convention
+        self._log, self._sign, self._mu, self._fo = log_lm, sign_lm, mu_lm, first_order_lm
+        self.write_gain, self.leak = write_gain, leak
+
+    @property
+    def log_abs_mu(self) -> np.ndarray:
+        return np.moveaxis(self._log, 0, 1)
+
+    @property
+    def sign(self) -> np.ndarray | None:
+        return None if self._sign is None else np.moveaxis(self._sign, 0, 1)
 
     @property
     def mu(self) -> np.ndarray:
         r""":math:`\mu` itself, ``(T, L+1, B, n)`` (0 where the lag does not exist or underflows)."""
-        out = np.exp(self.log_abs_mu)
-        if self.sign is not None:
-            out *= self.sign
-        return out
+        if self._mu is None:
+            self._mu = np.exp(self._log)
+            if self._sign is not None:
+                self._mu *= self._sign
+        return np.moveaxis(self._mu, 0, 1)
+
+    @property
+    def first_order(self) -> np.ndarray | None:
+        return None if self._fo is None else np.moveaxis(self._fo, 0, 1)
+
+    def __repr__(self) -> str:
+        T, L1 = self.log_abs_mu.shape[:2]
+        return f"<EffectiveLRTrajectory of {self.param} (state {self.state}, {self.convention}): T={T}, lags 0..{L1 - 1}>"
 
     @property
     def max_lag(self) -> int:
@@ -186,11 +234,23 @@ class EffectiveLRTrajectory:
 
     def envelope(self) -> np.ndarray:
         r"""The follow-up's envelope :math:`f(\ell)=\lVert\mu_{t,\ell}\rVert_1` (sum over neurons), ``(T, L+1, B)``."""
-        return np.exp(self.log_abs_mu).sum(axis=-1)
+        return np.abs(self.mu).sum(axis=-1)
+
+    def log_l1_mean(self) -> np.ndarray:
+        r"""The follow-up's ``log_mu_l1_mean`` per lag ``(L+1,)``: for each sequence, the log of the
+        time average (over valid steps) of :math:`\lVert\mu_{t,\ell}\rVert_1`, then the mean over sequences."""
+        v = self.valid()
+        env = self.envelope()  # (T, L+1, B)
+        out = np.full(self.max_lag + 1, np.nan)
+        for ell in range(self.max_lag + 1):
+            if v[:, ell].any():
+                out[ell] = np.mean(np.log(env[v[:, ell], ell].mean(axis=0)))
+        return out
 
     def mean_envelope(self, *, geometric: bool = False) -> np.ndarray:
         """Mean of ``|mu|`` over valid steps, sequences and neurons, per lag ``(L+1,)``; with
-        ``geometric=True`` the mean of ``log|mu|`` (the follow-up's ``log_mu_l1_mean``)."""
+        ``geometric=True`` the mean of ``log|mu|`` (a geometric mean; for the follow-up's
+        ``log_mu_l1_mean`` see :meth:`log_l1_mean`)."""
         v = self.valid()
         out = np.empty(self.max_lag + 1)
         for ell in range(self.max_lag + 1):
@@ -214,12 +274,14 @@ def effective_lrs(
     convention: str = "exact",
     first_order: bool = False,
     trajectory: Trajectory | None = None,
+    compute_mu: bool = True,
 ) -> EffectiveLRTrajectory:
     r""":math:`\mu_{t,\ell}` of ``param`` on the trajectory of ``x`` (see :func:`symgate.effective_lr`).
 
     Vectorised over steps, lags, sequences and neurons; computed in log domain, so
     long lags stay finite.  ``first_order=True`` adds the diagonal-split correction
     :math:`\mu^{(1)}=\mu^{(0)}\sum_j r_j/\lambda_j` with ``r`` the exact rest of the diagonal.
+    ``compute_mu=False`` keeps only the log domain (``.mu`` is then computed on first use).
     """
     if not isinstance(max_lag, (int, np.integer)) or isinstance(max_lag, bool) or max_lag < 0:
         raise ShapeError(f"max_lag must be an integer >= 0, got {max_lag!r}")
@@ -231,22 +293,23 @@ def effective_lrs(
     n = traj.states[elr.state].shape[-1]
     w = np.ascontiguousarray(_per_unit(elr.write_gain_unit, vals, (T, B, n)))
     lam = np.ascontiguousarray(_per_unit(elr.leak_unit, vals, (T, B, n)))
+    mu_lm = np.empty((max_lag + 1, T, B, n)) if compute_mu else None
     if convention == "s1":
-        log_abs, sign = _log_window_products(w, max_lag, inclusive=True)
+        log_abs, sign = _log_window_products(w, max_lag, inclusive=True, exp_out=mu_lm)
     elif convention == "followup":
-        log_abs, sign = _log_window_products(lam, max_lag)
+        log_abs, sign = _log_window_products(lam, max_lag, exp_out=mu_lm)
     else:
-        log_abs, sign = _log_window_products(lam, max_lag, gain=w)
+        log_abs, sign = _log_window_products(lam, max_lag, gain=w, exp_out=mu_lm)
     fo = None
     if first_order:
         r = _diagonal_rest(cell, params, vals, elr.state, (T, B, n))
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(lam == 0, np.nan, r / np.where(lam == 0, 1.0, lam))
-        R = _cumulative(ratio)
-        S = _lag_differences(R, R, max_lag, 0, 0.0)
+        S = _lag_sums(ratio, max_lag)
+        S[np.isneginf(S)] = 0.0
         mu0 = np.exp(log_abs) if sign is None else sign * np.exp(log_abs)
         fo = np.where(np.isneginf(log_abs), 0.0, mu0 * S)
-    return EffectiveLRTrajectory(elr.param, elr.state, convention, log_abs, sign, w, lam, fo)
+    return EffectiveLRTrajectory(elr.param, elr.state, convention, log_abs, sign, w, lam, mu_lm, fo)
 
 
 def _diagonal_rest(cell: Cell, params: Mapping[str, np.ndarray], vals: Mapping[str, Any], state: str,
@@ -462,11 +525,20 @@ def lag_weighted_gradients(cell: Cell, params: Mapping[str, np.ndarray], x: np.n
         if ell >= T:
             break
         d = cotangents[ell:] * m[ell:, ell] * rho[: T - ell]  # (T-ell, B, n): steps t = ell+1..T
-        if kind == "matrix":
-            v = np.broadcast_to(src[: T - ell], d.shape[:2] + (np.shape(src)[-1],))  # type: ignore[index]
-            out[ell] = np.einsum("tbi,tbj->ij", d, v)
-        elif kind == "vector":
-            out[ell] = d.sum(axis=(0, 1))
-        else:
-            out[ell] = d.sum()
+        out[ell] = contract_rows(d, None if src is None else src[: T - ell], kind, out.shape[1:])
     return out
+
+
+def contract_rows(d: np.ndarray, src: Any, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum over steps/sequences of immediate gradients with per-neuron rows ``d`` (``(..., n)``):
+    ``d (x) v`` for a matrix whose rows are the neurons, summed over neurons for a parameter
+    shared by all of them (a one-row matrix, a scalar)."""
+    if kind == "matrix":
+        v = np.broadcast_to(src, d.shape[:-1] + (np.shape(src)[-1],)).reshape(-1, np.shape(src)[-1])
+        d2 = d.reshape(-1, d.shape[-1])
+        if shape[0] == d.shape[-1]:
+            return d2.T @ v
+        return (d2.sum(axis=1) @ v)[None, :]  # one row shared by every neuron
+    if kind == "vector":
+        return d.reshape(-1, d.shape[-1]).sum(axis=0) if shape[0] == d.shape[-1] else np.array([d.sum()])
+    return np.asarray(d.sum())

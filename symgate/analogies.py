@@ -40,6 +40,7 @@ from ._reference import reference_kernel
 from ._transport import (
     JacobianProducts,
     _all_sizes,
+    contract_rows,
     _per_unit,
     effective_lrs,
     lag_weighted_gradients,
@@ -95,16 +96,6 @@ def _immediate_rows(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray,
     src = vals[elr.source] if elr.source else None
     kind = next(p.kind for p in cell.params if p.name == param)
     return w, rho, lam, src, kind
-
-
-def _outer(d: np.ndarray, src: Any, kind: str) -> np.ndarray:
-    """Sum over steps and batch of the row-scaled immediate gradients ``d (x) v``."""
-    if kind == "matrix":
-        v = np.broadcast_to(src, d.shape[:-1] + (np.shape(src)[-1],))
-        return np.einsum("tbi,tbj->ij", d, v)
-    if kind == "vector":
-        return d.reshape(-1, d.shape[-1]).sum(axis=0)
-    return np.asarray(d.sum())
 
 
 # ----------------------------------------------------------------------------
@@ -170,7 +161,7 @@ def schedule(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray, h0: An
     for step in range(T, 0, -1):
         carry = cot[step - 1] + (lam[step] * carry if step < T else 0.0)
         a[step - 1] = carry
-    zeroth = _outer(a * w * rho, src, kind)
+    zeroth = contract_rows(a * w * rho, src, kind, np.shape(params[param]))
     mu = effective_lrs(cell, params, x, h0, param=param, max_lag=T - 1)
     terms = lag_weighted_gradients(cell, params, x, h0, cot, param, T - 1, mu=mu)
     valid = mu.valid()
@@ -235,18 +226,20 @@ def momentum(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray, h0: An
         )
     w, rho, lam, src, kind = _immediate_rows(cell, params, x, h0, param)
     shape = np.shape(params[param])
-    m = np.zeros((B, traj.h.shape[-1]) + tuple(shape[1:]) if kind == "matrix" else (B, traj.h.shape[-1]))
+    n = traj.h.shape[-1]
+    # one buffer row per neuron: (B, n, m) for a matrix parameter, (B, n) otherwise
+    m = np.zeros((B, n, np.shape(src)[-1]) if kind == "matrix" else (B, n))
     total = np.zeros(shape)
     for step in range(1, T + 1):
         gt = (w * rho)[step - 1]  # (B, n): per-step immediate gradient rows
         if kind == "matrix":
             gt = gt[:, :, None] * np.broadcast_to(src[step - 1], (B, np.shape(src)[-1]))[:, None, :]
             m = lam[step - 1][:, :, None] * m + gt
-            total += np.einsum("bi,bij->ij", cot[step - 1], m)
+            read = cot[step - 1][:, :, None] * m  # (B, n, m)
+            total += read.sum(axis=0) if shape[0] == n else read.sum(axis=(0, 1))[None, :]
         else:
             m = lam[step - 1] * m + gt
-            contrib = cot[step - 1] * m
-            total += contrib.sum(axis=0) if kind == "vector" else contrib.sum()
+            total += contract_rows(cot[step - 1] * m, None, kind, shape)
     return MomentumStatement(param, g.params[param], total, lam, coupling)
 
 
@@ -309,9 +302,14 @@ def rank_alignment(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def gate_profile(mu: Any, lag: int | None = None) -> np.ndarray:
-    """Per-neuron gate preconditioner from an :class:`~symgate.EffectiveLRTrajectory`: the mean over
-    valid steps and sequences of :math:`\\mu_{t,\\ell}` at ``lag``, or of :math:`\\sum_\\ell\\mu_{t,\\ell}`."""
-    m = np.where(np.isfinite(mu.log_abs_mu), mu.mu, 0.0)  # (T, L+1, B, n)
+    r"""Per-neuron gate preconditioner from an :class:`~symgate.EffectiveLRTrajectory`: the mean over
+    valid steps and sequences of :math:`\mu_{t,\ell}` at ``lag``, or of :math:`\sum_\ell\mu_{t,\ell}`.
+
+    Note that summed over all lags the exact convention telescopes,
+    :math:`\sum_{\ell}g_{t-\ell}\prod_{j}(1-g_j)=1-\prod(1-g_j)\approx 1` for every neuron: a gate
+    redistributes one unit of step over lags, so its anisotropy shows per lag (pass ``lag``).
+    """
+    m = mu.mu  # (T, L+1, B, n); 0 where the lag does not exist
     if lag is None:
         return m.sum(axis=1).mean(axis=(0, 1))
     v = mu.valid()[:, lag]

@@ -92,6 +92,8 @@ def at_step(cell: Cell, expr: sympy.Expr, step: sympy.Expr) -> sympy.Expr:
         if not isinstance(s, UnitSymbol):
             continue
         leaf = cell.leaf(s)
+        if leaf is None and cell.node(s) is None:
+            continue  # not a per-step quantity (e.g. the diagonal of a parameter matrix)
         if leaf is not None and leaf.kind in ("vector", "scalar", "constant"):
             continue
         shift = -1 if (leaf is not None and leaf.kind == "state") else 0
@@ -427,6 +429,8 @@ class EffectiveLR:
     @property
     def first_order(self) -> sympy.Expr | None:
         """Diagonal-split first-order correction of the retention product, times the write gain."""
+        if self.convention == "s1":
+            return None  # the released S1 predictor has no first-order correction
         ex = Expansion(self.cell, split(self.cell, "diagonal", state=self.state))
         d = ex.diagonal_first_order
         if d is None:
