@@ -274,14 +274,15 @@ def effective_lrs(
     convention: str = "exact",
     first_order: bool = False,
     trajectory: Trajectory | None = None,
-    compute_mu: bool = True,
+    compute_mu: bool = False,
 ) -> EffectiveLRTrajectory:
     r""":math:`\mu_{t,\ell}` of ``param`` on the trajectory of ``x`` (see :func:`symgate.effective_lr`).
 
     Vectorised over steps, lags, sequences and neurons; computed in log domain, so
     long lags stay finite.  ``first_order=True`` adds the diagonal-split correction
     :math:`\mu^{(1)}=\mu^{(0)}\sum_j r_j/\lambda_j` with ``r`` the exact rest of the diagonal.
-    ``compute_mu=False`` keeps only the log domain (``.mu`` is then computed on first use).
+    The result holds :math:`\log|\mu|` (and signs); ``.mu`` exponentiates on first use, or
+    right away, fused with the log-domain pass, with ``compute_mu=True``.
     """
     if not isinstance(max_lag, (int, np.integer)) or isinstance(max_lag, bool) or max_lag < 0:
         raise ShapeError(f"max_lag must be an integer >= 0, got {max_lag!r}")
