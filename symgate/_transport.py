@@ -302,7 +302,7 @@ def effective_lrs(
     else:
         log_abs, sign = _log_window_products(lam, max_lag, gain=w, exp_out=mu_lm)
     fo = None
-    if first_order:
+    if first_order and convention != "s1":  # the released S1 predictor has no first-order correction
         r = _diagonal_rest(cell, params, vals, elr.state, (T, B, n))
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(lam == 0, np.nan, r / np.where(lam == 0, 1.0, lam))
@@ -432,17 +432,22 @@ class JacobianProducts:
         with np.errstate(divide="ignore", invalid="ignore"):
             r = nB / nA
         at1 = np.linalg.norm(F1 - F0 - L, axis=(-2, -1))
+        with np.errstate(invalid="ignore"):  # A_j = 0 (no leak): ratios are inf
+            ratio = {"median": float(np.nanmedian(r)), "p90": float(np.nanpercentile(r, 90)),
+                     "p99": float(np.nanpercentile(r, 99)), "max": float(np.nanmax(r))}
+        with np.errstate(divide="ignore", invalid="ignore"):  # no leak: F0 = 0 = F1 possible -> nan
+            rel_F = at1 / np.linalg.norm(F1, axis=(-2, -1))
+            rel_F0L = at1 / np.linalg.norm(F0 + L, axis=(-2, -1))
         return {
             "eps": eps,
             "error": E,
             "C2": E / eps**2,
             "slope": slope,
             "remainder_at_1": float(np.median(at1)),
-            "remainder_at_1_rel_F": float(np.median(at1 / np.linalg.norm(F1, axis=(-2, -1)))),
-            "remainder_at_1_rel_F0L": float(np.median(at1 / np.linalg.norm(F0 + L, axis=(-2, -1)))),
+            "remainder_at_1_rel_F": float(np.median(rel_F)),
+            "remainder_at_1_rel_F0L": float(np.median(rel_F0L)),
             "first_vs_central_difference": float(np.max(np.abs(fd - L)) / max(1e-300, float(np.max(np.abs(L))))),
-            "ratio_B_A": {"median": float(np.nanmedian(r)), "p90": float(np.nanpercentile(r, 90)),
-                          "p99": float(np.nanpercentile(r, 99)), "max": float(np.nanmax(r))},
+            "ratio_B_A": ratio,
             "norm_F0": float(np.median(np.linalg.norm(F0, axis=(-2, -1)))),
             "norm_L": float(np.median(np.linalg.norm(L, axis=(-2, -1)))),
         }
