@@ -710,6 +710,9 @@ class Cell:
     def __str__(self) -> str:
         return "\n".join([f"cell {self.name}"] + ["  " + ln for ln in self.update_equations()])
 
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython / Hypothesis pretty printers
+        p.text(repr(self))
+
     def _repr_latex_(self) -> str:
         return "$" + self.latex() + "$"
 

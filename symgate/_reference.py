@@ -29,6 +29,7 @@ from ._derive import parameter_jacobian as _parameter_jacobian
 from ._derive._local import Owner, local_partials
 from ._errors import CellSpecError, ShapeError
 from ._functions import NUMPY_FUNCTIONS
+from ._linalg import matmul
 from ._validate import check_array, check_dtype, check_params, check_states, resolve_sizes
 from .losses import Loss
 
@@ -100,7 +101,7 @@ class _Step:
 def _evaluate(st: _Step, vals: Mapping[str, Any], params: Mapping[str, np.ndarray]) -> Any:
     """Value of one node or output from the values it reads."""
     if st.kind == "linear":
-        return vals[st.source] @ params[st.matrix].T  # type: ignore[index]
+        return matmul(vals[st.source], params[st.matrix].T)  # type: ignore[index]
     fn, names = st.value  # type: ignore[misc]
     return fn(*[vals[n] for n in names])
 
@@ -114,7 +115,7 @@ def _pull_back(st: _Step, a: np.ndarray, vals: Mapping[str, Any], params: Mappin
     ``a @ M`` to ``v`` (its matrix gradient is accumulated by the caller).
     """
     if st.kind == "linear":
-        contrib = a @ params[st.matrix]  # type: ignore[index]
+        contrib = matmul(a, params[st.matrix])  # type: ignore[index]
         adj[st.source] = adj[st.source] + contrib if st.source in adj else contrib  # type: ignore[index]
         return
     for sname, sdim, fn, names in st.partials:
@@ -374,7 +375,7 @@ class ReferenceKernel:
                 # a state-dependent Linear reads a state-dependent node or a previous state
                 src = traj.nodes[st.source] if st.source in traj.nodes else traj.previous(st.source)  # type: ignore[index,arg-type]
                 a = lin_adj[st.name]
-                grads[st.matrix] += a.reshape(T * B, -1).T @ np.broadcast_to(src, a.shape[:2] + src.shape[2:]).reshape(T * B, -1)  # type: ignore[index]
+                grads[st.matrix] += matmul(a.reshape(T * B, -1).T, np.broadcast_to(src, a.shape[:2] + src.shape[2:]).reshape(T * B, -1))  # type: ignore[index]
         # the state-independent part, for all steps at once
         vals = self._leaf_values(params)
         vals[xname] = x
@@ -387,7 +388,7 @@ class ReferenceKernel:
             if st.kind == "linear":
                 src = vals[st.source]  # type: ignore[index]
                 src = np.broadcast_to(src, a.shape[:2] + (np.shape(src)[-1],))
-                grads[st.matrix] += a.reshape(T * B, -1).T @ src.reshape(T * B, -1)  # type: ignore[index]
+                grads[st.matrix] += matmul(a.reshape(T * B, -1).T, src.reshape(T * B, -1))  # type: ignore[index]
             _pull_back(st, a, vals, params, adj)
         for name, a in adj.items():
             if name == xname:
@@ -438,7 +439,7 @@ class ReferenceKernel:
         def tangent_of_step(st: _Step, vals: Mapping[str, Any], tan: dict[str, Any]) -> Any:
             if st.kind == "linear":
                 src = st.source
-                return tan.get(src, zero) @ params[st.matrix].T + vals[src] @ tp[st.matrix].T  # type: ignore[index]
+                return matmul(tan.get(src, zero), params[st.matrix].T) + matmul(vals[src], tp[st.matrix].T)  # type: ignore[index]
             acc: Any = zero
             for sname, _sdim, fn, names in st.partials:
                 ts = tan.get(sname)

@@ -32,6 +32,7 @@ from ._derive import jacobian, parameter_jacobian
 from ._derive._expansion import CONVENTIONS, SPLITS, effective_lr, retention_state, split as make_split
 from ._derive._jacobian import ORIGINS, StructuredJacobian, _LAMBDIFIED
 from ._errors import CellSpecError, ShapeError
+from ._linalg import matmul
 from ._reference import Trajectory, reference_kernel
 
 __all__ = [
@@ -384,7 +385,7 @@ class JacobianProducts:
         self._check(t, k)
         P = np.broadcast_to(np.eye(self.A.shape[-1]), self.A.shape[1:]).copy()
         for j in range(k + 1, t + 1):  # multiply later factors on the left
-            P = (self.A[j - 1] + eps * self.B[j - 1]) @ P
+            P = matmul(self.A[j - 1] + eps * self.B[j - 1], P)
         return P
 
     def exact(self, t: int, k: int) -> np.ndarray:
@@ -402,12 +403,12 @@ class JacobianProducts:
         eye = np.broadcast_to(np.eye(N), self.A.shape[1:])
         prefix = [eye]  # prefix[i - k - 1] = A_{i-1} ... A_{k+1}
         for j in range(k + 1, t):
-            prefix.append(self.A[j - 1] @ prefix[-1])
+            prefix.append(matmul(self.A[j - 1], prefix[-1]))
         out = np.zeros(self.A.shape[1:])
         suffix = eye.copy()  # A_t ... A_{i+1}
         for i in range(t, k, -1):
-            out = out + suffix @ self.B[i - 1] @ prefix[i - k - 1]
-            suffix = suffix @ self.A[i - 1]
+            out = out + matmul(matmul(suffix, self.B[i - 1]), prefix[i - k - 1])
+            suffix = matmul(suffix, self.A[i - 1])
         return out
 
     def check_expansion(self, t: int, k: int, eps: Sequence[float] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
@@ -501,7 +502,7 @@ def per_lag_gradients(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarra
         for ell in range(0, min(max_lag, t - 1) + 1):
             kk = t - ell
             if ell > 0:
-                P = P @ (jp.A[kk] + eps * jp.B[kk])  # extend on the right: J_t ... J_{kk+1}
+                P = matmul(P, jp.A[kk] + eps * jp.B[kk])  # extend on the right: J_t ... J_{kk+1}
             blockP = P[:, sl, sl]
             row = np.einsum("bi,bij->bj", cotangents[t - 1], blockP)
             out[ell] += np.einsum("bj,bj...->...", row, PJ[kk - 1])
@@ -543,8 +544,8 @@ def contract_rows(d: np.ndarray, src: Any, kind: str, shape: tuple[int, ...]) ->
         v = np.broadcast_to(src, d.shape[:-1] + (np.shape(src)[-1],)).reshape(-1, np.shape(src)[-1])
         d2 = d.reshape(-1, d.shape[-1])
         if shape[0] == d.shape[-1]:
-            return d2.T @ v
-        return (d2.sum(axis=1) @ v)[None, :]  # one row shared by every neuron
+            return matmul(d2.T, v)
+        return matmul(d2.sum(axis=1), v)[None, :]  # one row shared by every neuron
     if kind == "vector":
         return d.reshape(-1, d.shape[-1]).sum(axis=0) if shape[0] == d.shape[-1] else np.array([d.sum()])
     return np.asarray(d.sum())

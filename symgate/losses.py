@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import DTypeError, ShapeError
+from ._linalg import matmul
 from ._validate import check_array
 
 __all__ = ["Loss", "LastMSE", "StepMSE", "last_mse", "step_mse"]
@@ -62,12 +63,12 @@ class LastMSE(Loss):
 
     def evaluate(self, h: np.ndarray) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:
         T, B, n = h.shape
-        r = h[-1] @ self.V.T - self.y  # (B, o)
+        r = matmul(h[-1], self.V.T) - self.y  # (B, o)
         scale = 1.0 / r.size
         value = scale * np.sum(r * r)
         cot = np.zeros_like(h)
-        cot[-1] = (2.0 * scale) * (r @ self.V)
-        gV = (2.0 * scale) * (r.T @ h[-1])
+        cot[-1] = (2.0 * scale) * matmul(r, self.V)
+        gV = (2.0 * scale) * matmul(r.T, h[-1])
         return value, cot, {"V": gV}
 
 
@@ -85,10 +86,10 @@ class StepMSE(Loss):
             raise ShapeError(f"loss y has shape {self.y.shape}; expected (T, B, o) = {(T, B, o)}")
 
     def evaluate(self, h: np.ndarray) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:
-        r = h @ self.V.T - self.y  # (T, B, o)
+        r = matmul(h, self.V.T) - self.y  # (T, B, o)
         scale = 1.0 / r.size
         value = scale * np.sum(r * r)
-        cot = (2.0 * scale) * (r @ self.V)
+        cot = (2.0 * scale) * matmul(r, self.V)
         gV = (2.0 * scale) * np.einsum("tbo,tbn->on", r, h)
         return value, cot, {"V": gV}
 

@@ -38,6 +38,7 @@ from sympy.matrices.expressions import Identity, KroneckerProduct, MatrixSymbol,
 from .._cell import Cell, Dim, UnitSymbol, dim_symbol
 from .._errors import CellSpecError, ShapeError, StateIndependenceError
 from .._functions import NUMPY_FUNCTIONS
+from .._linalg import matmul
 from ._local import LocalPartials, Owner, local_partials
 from ._matexpr import UnitCol, UnitDiag, vector_symbol
 
@@ -302,11 +303,11 @@ class StructuredJacobian:
             else:
                 acc = mats[0]
                 for mm in mats[1:]:
-                    acc = acc @ mm
+                    acc = matmul(acc, mm)
                 if t.factors[0].rows != t.rows:
-                    acc = np.ones((1, r, 1), dtype) @ acc
+                    acc = matmul(np.ones((1, r, 1), dtype), acc)
                 if t.factors[-1].cols != t.cols:
-                    acc = acc @ np.ones((1, 1, c), dtype)
+                    acc = matmul(acc, np.ones((1, 1, c), dtype))
             out = out + coeff * acc
         return out
 

@@ -119,6 +119,12 @@ class Problem:
         dims = ", ".join(f"{k}={v}" for k, v in self.sizes.items() if k != 1)
         return f"{self.cell.name} [{dims}, B={self.B}, T={self.T}, seed={self.seed}]"
 
+    def __repr__(self) -> str:
+        return f"<Problem {self.describe()}>"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython / Hypothesis pretty printers
+        p.text(repr(self))
+
 
 def _matrix(rng: np.random.Generator, shape: tuple[int, ...], rho: float) -> np.ndarray:
     a = rng.standard_normal(shape)
