@@ -235,7 +235,7 @@ def main() -> None:
           f" rel. difference from symgate {dir_err:.1e} on the {dir_n} normal entries")
     print(f"     symgate log|mu|: non-finite {cnt['symgate_nonfinite']}; range [{lv.min():.1f}, {lv.max():.2f}]"
           f" (smallest mu = 10^{lv.min() / np.log(10):.0f})")
-    print(f"   accuracy vs a long-double direct product (2 sequences x 4 neurons, normal entries):")
+    print("   accuracy vs a long-double direct product (2 sequences x 4 neurons, normal entries):")
     print(f"     direct products (float64): max rel. error {float(e_dir.max()):.1e}")
     print(f"     symgate (log-domain running sums): max rel. error {float(e_sym.max()):.1e}, by t: {by_t}")
     del res, lv

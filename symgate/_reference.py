@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import sympy
 
-from ._cell import Cell, Dim, Node, UnitSymbol
+from ._cell import Cell, Dim, UnitSymbol
 from ._derive import jacobian as _jacobian
 from ._derive import parameter_jacobian as _parameter_jacobian
 from ._derive._local import Owner, local_partials

@@ -21,7 +21,7 @@ factors; ``mu[t, 0] = w_t`` (the immediate term).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -29,9 +29,9 @@ import sympy
 
 from ._cell import Cell, Dim, UnitSymbol
 from ._derive import jacobian, parameter_jacobian
-from ._derive._expansion import CONVENTIONS, SPLITS, effective_lr, retention_state, split as make_split
+from ._derive._expansion import effective_lr, retention_state, split as make_split
 from ._derive._jacobian import ORIGINS, StructuredJacobian, _LAMBDIFIED
-from ._errors import CellSpecError, ShapeError
+from ._errors import ShapeError
 from ._linalg import matmul
 from ._reference import Trajectory, reference_kernel
 
@@ -509,25 +509,47 @@ def per_lag_gradients(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarra
     return out
 
 
+@dataclass
+class ImmediateRows:
+    """Per-step factors of a parameter's immediate Jacobian ``C = w * rho`` (per neuron), with the
+    leak ``lam`` of the retention state: each ``(T, B, n)``; ``source`` is the vector the parameter
+    multiplies (``(T, B, m)``, None for a bias) and ``kind`` the parameter's kind."""
+
+    write_gain: np.ndarray
+    sensitivity: np.ndarray
+    leak: np.ndarray
+    source: Any
+    kind: str
+
+
+def immediate_rows(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any, param: str) -> ImmediateRows:
+    """The :class:`ImmediateRows` of ``param`` on the trajectory of ``x``."""
+    elr = effective_lr(cell, param)
+    traj = reference_kernel(cell, "float64").forward(params, x, h0)
+    vals = step_values(cell, params, traj)
+    shape = traj.x.shape[:2] + (traj.states[elr.state].shape[-1],)
+    return ImmediateRows(
+        _per_unit(elr.write_gain_unit, vals, shape),
+        _per_unit(elr.sensitivity_unit, vals, shape),
+        _per_unit(elr.leak_unit, vals, shape),
+        vals[elr.source] if elr.source else None,
+        next(p.kind for p in cell.params if p.name == param),
+    )
+
+
 def lag_weighted_gradients(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any, cotangents: np.ndarray,
                            param: str, max_lag: int, *, mu: EffectiveLRTrajectory | None = None) -> np.ndarray:
     r"""Zeroth-order lag-``ell`` contributions predicted by :math:`\mu`:
     :math:`\sum_t \sum_b (\delta_t\odot\mu_{t,\ell}\odot\rho_{t-\ell})\otimes v_{t-\ell}`, with
     :math:`\rho = \partial N/\partial z` the node's own sensitivity and ``v`` the vector the
     parameter multiplies; ``(max_lag + 1, *shape)``."""
-    elr = effective_lr(cell, param)
     if mu is None:
         mu = effective_lrs(cell, params, x, h0, param=param, max_lag=max_lag)
-    k = reference_kernel(cell, "float64")
-    traj = k.forward(params, x, h0)
-    vals = step_values(cell, params, traj)
-    T, B = traj.x.shape[:2]
-    n = traj.states[elr.state].shape[-1]
-    rho = _per_unit(elr.sensitivity_unit, vals, (T, B, n))
-    kind = next(p.kind for p in cell.params if p.name == param)
+    rows = immediate_rows(cell, params, x, h0, param)
+    rho, src, kind = rows.sensitivity, rows.source, rows.kind
+    T = rho.shape[0]
     m = mu.mu  # (T, L+1, B, n)
     out = np.zeros((max_lag + 1,) + np.shape(params[param]))
-    src = vals[elr.source] if elr.source else None
     for ell in range(max_lag + 1):
         if ell >= T:
             break

@@ -41,8 +41,8 @@ from ._transport import (
     JacobianProducts,
     _all_sizes,
     contract_rows,
-    _per_unit,
     effective_lrs,
+    immediate_rows,
     lag_weighted_gradients,
     step_values,
 )
@@ -79,23 +79,6 @@ def _cotangents(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray, h0:
     loss.check(T, B, k.forward(params, x, h0).states[state].shape[-1], np.dtype("float64"))  # type: ignore[union-attr]
     traj = k.forward(params, x, h0)
     return state, loss.evaluate(traj.states[state])[1]  # type: ignore[union-attr]
-
-
-def _immediate_rows(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any, param: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any, str]:
-    """Per-step pieces of the immediate parameter Jacobian: write gain ``w``, sensitivity ``rho``
-    (``(T, B, n)`` each), leak ``lambda``, the source ``v`` and the parameter kind."""
-    elr = effective_lr(cell, param)
-    k = reference_kernel(cell, "float64")
-    traj = k.forward(params, x, h0)
-    vals = step_values(cell, params, traj)
-    T, B = traj.x.shape[:2]
-    n = traj.states[elr.state].shape[-1]
-    w = _per_unit(elr.write_gain_unit, vals, (T, B, n))
-    rho = _per_unit(elr.sensitivity_unit, vals, (T, B, n))
-    lam = _per_unit(elr.leak_unit, vals, (T, B, n))
-    src = vals[elr.source] if elr.source else None
-    kind = next(p.kind for p in cell.params if p.name == param)
-    return w, rho, lam, src, kind
 
 
 # ----------------------------------------------------------------------------
@@ -154,7 +137,8 @@ def schedule(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray, h0: An
     param = elr.param
     state, cot = _cotangents(cell, params, x, h0, loss, cotangents)
     T, B = x.shape[:2]
-    w, rho, lam, src, kind = _immediate_rows(cell, params, x, h0, param)
+    rows = immediate_rows(cell, params, x, h0, param)
+    w, rho, lam, src, kind = rows.write_gain, rows.sensitivity, rows.leak, rows.source, rows.kind
     # zeroth-order BPTT: a_t = delta_t + lambda_{t+1} * a_{t+1}
     a = np.zeros_like(cot)
     carry = np.zeros_like(cot[0])
@@ -224,7 +208,8 @@ def momentum(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray, h0: An
             f"the state Jacobian of {cell.name!r} is not diagonal for these parameters (coupling up to {coupling:.3g}); "
             "the momentum statement is exact only without coupling (e.g. symgate.decoupled(cell, params))"
         )
-    w, rho, lam, src, kind = _immediate_rows(cell, params, x, h0, param)
+    rows = immediate_rows(cell, params, x, h0, param)
+    w, rho, lam, src, kind = rows.write_gain, rows.sensitivity, rows.leak, rows.source, rows.kind
     shape = np.shape(params[param])
     n = traj.h.shape[-1]
     # one buffer row per neuron: (B, n, m) for a matrix parameter, (B, n) otherwise

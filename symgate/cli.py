@@ -123,8 +123,6 @@ def _table(rows: list[tuple[str, dict, bool]]) -> str:
 
 def _print_mu_table(cells: Sequence[Cell], seed: int) -> None:
     """Numeric mu on a random problem: mean over steps, sequences and neurons, per lag."""
-    import numpy as np
-
     from ._transport import effective_lrs
     from .testing import draw_problem
 

@@ -47,7 +47,7 @@ import sympy
 from sympy import IndexedBase, Product, Sum
 from sympy.matrices.expressions import MatrixExpr
 
-from .._cell import Cell, Dim, UnitSymbol, dim_symbol
+from .._cell import Cell, UnitSymbol, dim_symbol
 from .._errors import CellSpecError
 from ._jacobian import ORIGINS, StructuredJacobian, Term, jacobian, parameter_jacobian
 

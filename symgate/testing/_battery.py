@@ -49,7 +49,7 @@ import numpy as np
 import sympy
 
 from .._cell import Cell, Dim
-from .._derive._local import Owner, local_partials
+from .._derive._local import local_partials
 from .._errors import VerificationError
 from .._functions import MPMATH_FUNCTIONS, NUMPY_FUNCTIONS
 from .._reference import ReferenceKernel, reference_kernel

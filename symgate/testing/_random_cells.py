@@ -27,7 +27,7 @@ import numpy as np
 import sympy
 
 from .._cell import Cell, Constant, Input, Matrix, Scalar, State, Vector, make_cell
-from .._functions import exp, log, sigmoid, softplus, tanh
+from .._functions import exp, sigmoid, softplus, tanh
 
 __all__ = ["Recipe", "build", "all_recipes", "random_cell_pool", "ACTIVATIONS", "RESETS", "GATES", "FORMS"]
 
