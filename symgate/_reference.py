@@ -223,10 +223,20 @@ class ReferenceKernel:
         T, B, _ = x.shape
         dt = self.dtype
         static = self._static(params, x, sizes)
-        base = self._leaf_values(params)
-        xname = cell.inputs[0].name
         node_traj = {st.name: np.empty((T, B, sizes[st.dim]), dtype=dt) for st in self._plan if st.kind != "out" and not st.static}
         states = {s.name: np.empty((T, B, sizes[s.dim]), dtype=dt) for s in cell.states}
+        self._forward_loop(params, x, h0, static, node_traj, states, sizes)
+        nodes = dict(static)
+        nodes.update(node_traj)
+        return Trajectory(states, nodes, h0, x, sizes)
+
+    def _forward_loop(self, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Mapping[str, np.ndarray],
+                      static: Mapping[str, np.ndarray], node_traj: dict[str, np.ndarray], states: dict[str, np.ndarray],
+                      sizes: Mapping[Dim, int]) -> None:
+        """The time loop of the forward pass: fills ``node_traj`` (state-dependent nodes) and ``states``."""
+        T, B, _ = x.shape
+        base = self._leaf_values(params)
+        xname = self.cell.inputs[0].name
         prev = dict(h0)
         for t in range(T):
             vals = dict(base)
@@ -237,16 +247,13 @@ class ReferenceKernel:
             for st in self._plan:
                 if st.static:
                     continue
-                v = self._shape(_evaluate(st, vals, params), (B,), sizes[st.dim], dt)
+                v = self._shape(_evaluate(st, vals, params), (B,), sizes[st.dim], self.dtype)
                 if st.kind == "out":
                     states[st.state][t] = v  # type: ignore[index]
                 else:
                     node_traj[st.name][t] = v
                     vals[st.name] = node_traj[st.name][t]
             prev = {s: states[s][t] for s in states}
-        nodes = dict(static)
-        nodes.update(node_traj)
-        return Trajectory(states, nodes, h0, x, sizes)
 
     def _values_at(self, traj: Trajectory, params: Mapping[str, np.ndarray], t: int) -> dict[str, Any]:
         vals = self._leaf_values(params)
@@ -337,7 +344,6 @@ class ReferenceKernel:
         dt = self.dtype
         xname = cell.inputs[0].name
         leaf_kind = {lf.name: lf.kind for lf in cell.leaves}
-        static_names = {st.name for st in self._plan if st.static and st.kind != "out"}
         grads = {p.name: np.zeros(tuple(sizes[d] for d in p.shape), dtype=dt) for p in cell.params}
         gx = np.zeros_like(x)
         static_adj = {nm: np.zeros((T, B, sizes[st.dim]), dtype=dt) for st in self._plan if st.static for nm in [st.name]}
@@ -345,30 +351,7 @@ class ReferenceKernel:
         carry = {s.name: np.zeros((B, sizes[s.dim]), dtype=dt) for s in cell.states}
         dynamic = [st for st in self._plan if not st.static]
 
-        for t in range(T - 1, -1, -1):
-            vals = self._values_at(traj, params, t)
-            adj: dict[str, np.ndarray] = {}
-            for s in cell.states:
-                adj[s.name + "'"] = cots[s.name][t] + carry[s.name]
-            for st in reversed(dynamic):
-                a = adj.pop(st.name, None)
-                if a is None:
-                    continue
-                if st.kind == "linear":
-                    lin_adj[st.name][t] = a  # its matrix gradient: one product over T*B below
-                _pull_back(st, a, vals, params, adj)
-            carry = {}
-            for s in cell.states:
-                v = adj.pop(s.name, None)
-                carry[s.name] = np.zeros((B, sizes[s.dim]), dtype=dt) if v is None else np.broadcast_to(v, (B, sizes[s.dim])).copy()
-            for name, a in adj.items():
-                if name in static_names:
-                    static_adj[name][t] += a
-                elif name == xname:
-                    gx[t] += a
-                elif leaf_kind.get(name) in ("vector", "scalar"):
-                    grads[name] += a.sum(axis=0) if leaf_kind[name] == "vector" else a.sum()
-                # constants: not trainable
+        carry = self._backward_loop(params, traj, cots, carry, static_adj, lin_adj, grads, gx)
         # recurrent weight gradients: one product over T*B per Linear node
         for st in dynamic:
             if st.kind == "linear":
@@ -398,6 +381,46 @@ class ReferenceKernel:
             elif leaf_kind.get(name) == "scalar":
                 grads[name] += a.sum()
         return Gradients(grads, carry, gx)
+
+    def _backward_loop(self, params: Mapping[str, np.ndarray], traj: Trajectory, cots: Mapping[str, np.ndarray],
+                       carry: dict[str, np.ndarray], static_adj: dict[str, np.ndarray], lin_adj: dict[str, np.ndarray],
+                       grads: dict[str, np.ndarray], gx: np.ndarray) -> dict[str, np.ndarray]:
+        """The reverse time loop of BPTT: fills the adjoints of state-independent nodes, of
+        state-dependent Linear outputs (for one weight-gradient product afterwards), of
+        inputs read elementwise and of vector/scalar parameters; returns the adjoint of ``h0``."""
+        cell = self.cell
+        T, B, _ = traj.x.shape
+        sizes = traj.sizes
+        dt = self.dtype
+        xname = cell.inputs[0].name
+        leaf_kind = {lf.name: lf.kind for lf in cell.leaves}
+        static_names = set(static_adj)
+        dynamic = [st for st in self._plan if not st.static]
+        for t in range(T - 1, -1, -1):
+            vals = self._values_at(traj, params, t)
+            adj: dict[str, np.ndarray] = {}
+            for s in cell.states:
+                adj[s.name + "'"] = cots[s.name][t] + carry[s.name]
+            for st in reversed(dynamic):
+                a = adj.pop(st.name, None)
+                if a is None:
+                    continue
+                if st.kind == "linear":
+                    lin_adj[st.name][t] = a  # its matrix gradient: one product over T*B below
+                _pull_back(st, a, vals, params, adj)
+            carry = {}
+            for s in cell.states:
+                v = adj.pop(s.name, None)
+                carry[s.name] = np.zeros((B, sizes[s.dim]), dtype=dt) if v is None else np.broadcast_to(v, (B, sizes[s.dim])).copy()
+            for name, a in adj.items():
+                if name in static_names:
+                    static_adj[name][t] += a
+                elif name == xname:
+                    gx[t] += a
+                elif leaf_kind.get(name) in ("vector", "scalar"):
+                    grads[name] += a.sum(axis=0) if leaf_kind[name] == "vector" else a.sum()
+                # constants: not trainable
+        return carry
 
     # -------------------------------------------------------------------- JVP
     def jvp(self, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any, tangents: Mapping[str, Any]) -> dict[str, np.ndarray]:
