@@ -8,11 +8,17 @@ lambdification are cached on the cell object), never inside ``@given``.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 from hypothesis import HealthCheck, settings
 
 import symgate as sg
 from symgate.testing import cached_builtin
+
+# compiled kernels of this test session go to a private cache (tests of the cache set their own)
+os.environ.setdefault("SYMGATE_CACHE_DIR", tempfile.mkdtemp(prefix="symgate-test-cache-"))
 
 settings.register_profile(
     "fast", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
