@@ -27,7 +27,7 @@ from sympy.codegen.ast import float32, float64, real
 from sympy.codegen.rewriting import create_expand_pow_optimization, optimize
 from sympy.printing.c import C99CodePrinter
 
-from ._cell import Cell, Dim, UnitSymbol
+from ._cell import Cell, Dim
 from ._derive import jacobian
 from ._derive._local import Owner, local_partials
 from ._errors import CellSpecError
@@ -200,7 +200,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     bwd: list[str] = []
     for k, s in enumerate(states):
         sd = D[dim_of[s]]
-        bwd.append(f"            for b in range(B):")
+        bwd.append("            for b in range(B):")
         bwd.append(f"                for i in range({sd}):")
         bwd.append(f"                    CN{k}[b, i] = 0")
     for k, nm in enumerate(dyn_nodes):
@@ -247,7 +247,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     arr2 = "real[:, ::1]"
     arr1 = "real[::1]"
     dim_args = ", ".join(f"int {D[d]}" for d in dims)
-    common = [f"int T", "int B"] + ([dim_args] if dim_args else [])
+    common = ["int T", "int B"] + ([dim_args] if dim_args else [])
     common += [f"{arr3} {S[s]}" for s in states]
     common += [f"{arr3} {N[nm]}" for nm in dyn_nodes]
     common += [f"const {arr3} {Q[nm]}" for nm in static_nodes]  # read-only inputs may be read-only arrays
