@@ -359,16 +359,14 @@ class JacobianProducts:
         flat = {kk: (v.reshape(T * Bsz, -1) if isinstance(v, np.ndarray) and v.ndim == 3 else v) for kk, v in vals.items()}
         blocks_A, blocks_B = [], []
         names = cell.state_names
+        sizes = _all_sizes(cell, traj)
+        rest = tuple(o for o in ORIGINS if o not in sp.origins)
         for a in names:
             row_A, row_B = [], []
             for b in names:
                 blk = jacobian(cell, a, b)
-                sizes = {s.dim: traj.states[s.name].shape[-1] for s in cell.states}
-                sizes.update({1: 1})
-                sizes.update({d: np.shape(vals[lf.name])[-1] for lf in cell.inputs for d in [lf.dim]})
-                rest = tuple(o for o in ORIGINS if o not in sp.origins)
-                row_A.append(blk.select(*rest).evaluate(flat, params, _all_sizes(cell, traj)))
-                row_B.append(blk.select(*sp.origins).evaluate(flat, params, _all_sizes(cell, traj)))
+                row_A.append(blk.select(*rest).evaluate(flat, params, sizes))
+                row_B.append(blk.select(*sp.origins).evaluate(flat, params, sizes))
             blocks_A.append(np.concatenate(row_A, axis=2))
             blocks_B.append(np.concatenate(row_B, axis=2))
         N = sum(traj.states[s].shape[-1] for s in names)

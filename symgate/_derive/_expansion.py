@@ -203,7 +203,7 @@ def split(cell: Cell, how: str | Sequence[str] = "appendix", *, state: str | Non
         if bad:
             raise CellSpecError(f"unknown origin(s) {bad}; origins are {ORIGINS}")
         name = "+".join(origins) or "none"
-    s = retention_state(cell, state) if state is None else retention_state(cell, state)
+    s = retention_state(cell, state)
     J = jacobian(cell, s, s)
     rest = tuple(o for o in ORIGINS if o not in origins)
     return Split(name, s, tuple(origins), J.select(*rest), J.select(*origins))
