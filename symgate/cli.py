@@ -164,6 +164,25 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _cmd_codegen(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ._codegen import generate
+
+    c = load_cell(args.cell)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SymgateError(f"cannot create output directory {str(out)!r}: {exc.strerror or exc}") from None
+    dtypes = ["float64", "float32"] if args.dtype == "both" else [args.dtype]
+    for dt in dtypes:
+        path = out / f"{c.name}_{dt}.pyx"  # the cell name is a validated identifier
+        path.write_text(generate(c, dt).source)
+        print(path)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cells = [builtin(name) for name in BUILTIN]
@@ -212,6 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--examples", type=int, default=4)
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=_cmd_verify)
+    g = sub.add_parser("codegen", help="write the generated Cython kernel source of a cell")
+    g.add_argument("cell")
+    g.add_argument("-o", "--out", default=".", help="output directory (default: .)")
+    g.add_argument("--dtype", choices=["float64", "float32", "both"], default="both")
+    g.set_defaults(func=_cmd_codegen)
     m = sub.add_parser("demo", help="derive and verify every built-in cell (and a pool of random cells)")
     m.add_argument("--examples", type=int, default=3)
     m.add_argument("--random-cells", type=int, default=50)

@@ -86,3 +86,19 @@ def test_derive_effective_lr_latex_and_cell_without_leak(capsys: pytest.CaptureF
     assert r"\mu_{t,\ell}" in capsys.readouterr().out
     assert main(["derive", "plain", "--effective-lr"]) == 0
     assert "0**ell" in capsys.readouterr().out  # no leak: only the immediate term (ell = 0) survives
+
+
+def test_codegen_writes_readable_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["codegen", "gru", "-o", str(tmp_path / "out")]) == 0
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["gru_float32.pyx", "gru_float64.pyx"]
+    src = (tmp_path / "out" / "gru_float64.pyx").read_text()
+    assert src.startswith("# cython:") and "def forward(" in src and "def backward(" in src
+    assert "[reset    ]" in src  # the derived Jacobian in the header
+
+
+def test_codegen_output_dir_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["codegen", "leaky", "-o", str(blocker / "sub")]) == 2
+    assert "cannot create output directory" in capsys.readouterr().err
