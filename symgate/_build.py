@@ -48,8 +48,24 @@ from ._errors import SymgateError
 
 __all__ = ["BuildError", "SymgateWarning", "cache_root", "cache_key", "build_module", "CFLAGS"]
 
-#: Compiler flags for generated kernels (part of the cache key).
-CFLAGS: tuple[str, ...] = ("-O3", "-fPIC", "-fno-strict-aliasing", "-Wno-unused-function", "-Wno-unreachable-code")
+#: Compiler flags for generated kernels (part of the cache key, with the CPU's identity).
+#: ``-ffast-math`` lets gcc vectorise tanh/exp through glibc's libmvec; it is used to
+#: *compile* only: the module is linked without it, so no crtfastmath.o sets
+#: flush-to-zero for the whole process.  The kernels' stable primitives use no
+#: infinities or NaNs, so fast-math's assumptions hold for finite inputs.
+CFLAGS: tuple[str, ...] = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-fno-strict-aliasing",
+                           "-Wno-unused-function", "-Wno-unreachable-code")
+LDFLAGS: tuple[str, ...] = ("-shared",)
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    return hashlib.sha256("\n".join(keep).encode()).hexdigest()
 
 _LOADED: dict[str, ModuleType] = {}
 _LOCK = threading.Lock()
@@ -109,6 +125,8 @@ def cache_key(source: str, extra: Sequence[str] = ()) -> str:
         Cython.__version__,
         " ".join(_compiler()),
         " ".join(CFLAGS),
+        " ".join(LDFLAGS),
+        _cpu_identity(),
         numpy.__version__,
         sysconfig.get_config_var("SOABI") or "",
         sys.implementation.cache_tag or "",
@@ -209,16 +227,19 @@ def _compile(source: str, modname: str, workdir: Path, include_dirs: Sequence[st
         raise BuildError("Cython could not translate the generated kernel", command=cy_cmd,
                          log=r.stdout + r.stderr, sources=keep)
     so = workdir / (modname + _ext_suffix())
-    cc_cmd = [*_compiler(), "-shared", *CFLAGS, f"-I{sysconfig.get_paths()['include']}",
-              *[f"-I{d}" for d in include_dirs], str(c_file), "-o", str(so), "-lm"]
-    r = subprocess.run(cc_cmd, capture_output=True, text=True, cwd=workdir)
-    if r.returncode != 0:
-        keep = Path(tempfile.mkdtemp(prefix=f"symgate-failed-{modname}-"))
-        for f in (pyx, c_file):
-            if f.exists():
-                shutil.copy(f, keep)
-        raise BuildError("the C compiler failed on the generated kernel", command=cc_cmd,
-                         log=r.stdout + r.stderr, sources=keep)
+    obj = workdir / f"{modname}.o"
+    cc_cmd = [*_compiler(), "-c", *CFLAGS, f"-I{sysconfig.get_paths()['include']}",
+              *[f"-I{d}" for d in include_dirs], str(c_file), "-o", str(obj)]
+    ld_cmd = [*_compiler(), *LDFLAGS, str(obj), "-o", str(so), "-lm"]
+    for cmd in (cc_cmd, ld_cmd):
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+        if r.returncode != 0:
+            keep = Path(tempfile.mkdtemp(prefix=f"symgate-failed-{modname}-"))
+            for f in (pyx, c_file):
+                if f.exists():
+                    shutil.copy(f, keep)
+            raise BuildError("the C compiler failed on the generated kernel", command=cmd,
+                             log=r.stdout + r.stderr, sources=keep)
     return so
 
 

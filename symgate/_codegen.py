@@ -264,25 +264,20 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     temps = ", ".join([f"_c{k}" for k in range(max_temps)] + ["a"])
     header = _header(cell, dt)
     body = f"""
-from libc.math cimport tanh{f}, exp{f}, log{f}, log1p{f}, pow{f}, sqrt{f}
+from libc.math cimport tanh{f}, exp{f}, log{f}, log1p{f}, pow{f}, sqrt{f}, fabs{f}
 from scipy.linalg.cython_blas cimport {gemm}
 
 ctypedef {real_t} real
 
 
 cdef inline real sg_sigmoid(real u) noexcept nogil:
-    cdef real e
-    if u >= 0:
-        e = exp{f}(-u)
-        return 1 / (1 + e)
-    e = exp{f}(u)
-    return e / (1 + e)
+    # exp of a non-positive number only (no overflow); branch-free, so loops vectorise
+    cdef real e = exp{f}(-fabs{f}(u))
+    return (1 / (1 + e)) if u >= 0 else (e / (1 + e))
 
 
 cdef inline real sg_softplus(real u) noexcept nogil:
-    if u > 0:
-        return u + log1p{f}(exp{f}(-u))
-    return log1p{f}(exp{f}(u))
+    return (u if u > 0 else 0) + log1p{f}(exp{f}(-fabs{f}(u)))
 
 
 cdef inline void gemm_nt(int Mr, int Nc, int K, real* A, real* W, real* C, real beta) noexcept nogil:

@@ -128,3 +128,12 @@ def test_kernels_picks_compiled_and_says_so() -> None:
     k = sg.kernels(cached_builtin("leaky"), "float64")
     assert k.backend == "compiled"
     assert sg.reference_kernel(cached_builtin("leaky")).backend == "numpy-reference"
+
+
+def test_loading_kernels_keeps_subnormals() -> None:
+    """Kernels are compiled with -ffast-math but linked without it: no process-wide flush-to-zero."""
+    k = sg.compile(cached_builtin("vector_gate"), "float64")
+    prob = draw_problem(k.cell, 0, n=3, m=2, B=1, T=2)
+    k.forward(prob.params, prob.x, prob.h0)
+    tiny = np.array([1e-310])
+    assert (tiny * 1.0)[0] == 1e-310 and (tiny / 2)[0] > 0
