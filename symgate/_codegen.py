@@ -126,10 +126,10 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     def idx(name: str) -> str:
         return "i" if dim_of[name] != 1 else "0"
 
-    def fwd_access(loop_dim: Dim) -> dict[sympy.Symbol, str]:
+    def fwd_access() -> dict[sympy.Symbol, str]:
         acc: dict[sympy.Symbol, str] = {}
         for name, sym in sym_of.items():
-            ii = "0" if dim_of[name] == 1 else "i"
+            ii = idx(name)
             if name in S:
                 acc[sym] = f"{S[name]}[t, b, {ii}]"
             elif name in N:
@@ -162,7 +162,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
             return f"Gp{scals.index(name)}[0]"
         return None  # a constant
 
-    printer = KernelPrinter(dt, fwd_access("n"))
+    printer = KernelPrinter(dt, fwd_access())
     max_temps = 0
 
     def code(e: sympy.Expr) -> str:
@@ -175,9 +175,6 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
         lines = [f"{indent}{sym.name} = {code(e)}" for sym, e in repl]
         lines += [f"{indent}{tgt} {op}({code(e)})" for tgt, op, e in zip(targets, ops, red)]
         return lines
-
-    def loop_dims(d: Dim) -> str:
-        return D[d]
 
     # ---------------------------------------------------------------- forward
     fwd: list[str] = []
@@ -193,7 +190,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
         target = f"{S[st.state]}[t + 1, b, {'i' if st.dim != 1 else '0'}]" if st.kind == "out" else f"{N[st.name]}[t, b, {'i' if st.dim != 1 else '0'}]"
         fwd.append(f"            # {st.name}")
         fwd.append("            for b in range(B):")
-        fwd.append(f"                for i in range({loop_dims(st.dim)}):")
+        fwd.append(f"                for i in range({D[st.dim]}):")
         fwd += block([owner_expr], [target], ["= "], "                    ")
 
     # --------------------------------------------------------------- backward
@@ -231,7 +228,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
             continue
         bwd.append(f"            # pull back {st.name}")
         bwd.append("            for b in range(B):")
-        bwd.append(f"                for i in range({loop_dims(st.dim)}):")
+        bwd.append(f"                for i in range({D[st.dim]}):")
         bwd.append(f"                    a = {a_expr}")
         bwd += block([e for _, e in parts], [adj_target(sym.name) for sym, _ in parts],  # type: ignore[misc]
                      ["+= a * "] * len(parts), "                    ")

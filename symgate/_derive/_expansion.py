@@ -106,15 +106,19 @@ def at_step(cell: Cell, expr: sympy.Expr, step: sympy.Expr) -> sympy.Expr:
 # ----------------------------------------------------------------------------
 
 
-class OrderedProduct(MatrixExpr):
-    r""":math:`\prod_{j=lo}^{hi} M_j` in chain-rule order (``M_hi`` leftmost), kept formal."""
+class _FormalIndexed(MatrixExpr):
+    """A matrix-valued term indexed over ``lo..hi``, kept formal (printed, never expanded)."""
 
-    def __new__(cls, term: Any, index: sympy.Symbol, lo: Any, hi: Any) -> "OrderedProduct":
+    def __new__(cls, term: Any, index: sympy.Symbol, lo: Any, hi: Any) -> "_FormalIndexed":
         return sympy.Basic.__new__(cls, term, index, sympy.sympify(lo), sympy.sympify(hi))
 
     @property
     def shape(self) -> tuple[Any, Any]:
         return self.args[0].shape
+
+
+class OrderedProduct(_FormalIndexed):
+    r""":math:`\prod_{j=lo}^{hi} M_j` in chain-rule order (``M_hi`` leftmost), kept formal."""
 
     def _sympystr(self, p: Any) -> str:
         term, j, lo, hi = self.args
@@ -125,15 +129,8 @@ class OrderedProduct(MatrixExpr):
         return r"\prod_{%s=%s}^{%s\,\leftarrow} \left(%s\right)" % (p._print(j), p._print(lo), p._print(hi), p._print(term))
 
 
-class FirstOrderSum(MatrixExpr):
+class FirstOrderSum(_FormalIndexed):
     r""":math:`\sum_{i=lo}^{hi} X_i` of matrix terms, kept formal."""
-
-    def __new__(cls, term: Any, index: sympy.Symbol, lo: Any, hi: Any) -> "FirstOrderSum":
-        return sympy.Basic.__new__(cls, term, index, sympy.sympify(lo), sympy.sympify(hi))
-
-    @property
-    def shape(self) -> tuple[Any, Any]:
-        return self.args[0].shape
 
     def _sympystr(self, p: Any) -> str:
         term, i, lo, hi = self.args
