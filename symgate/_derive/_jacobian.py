@@ -40,7 +40,7 @@ from .._errors import CellSpecError, ShapeError, StateIndependenceError
 from .._functions import NUMPY_FUNCTIONS
 from .._linalg import matmul
 from ._local import LocalPartials, Owner, local_partials
-from ._matexpr import UnitCol, UnitDiag, vector_symbol
+from ._matexpr import UnitCol, UnitDiag, unit_entry, vector_symbol
 
 __all__ = [
     "Factor",
@@ -669,9 +669,7 @@ def explicit_update(cell: Cell, sizes: Mapping[str, int]) -> list[sympy.Matrix]:
     outs = []
     for st, o in zip(cell.states, cell.outputs):
         d = 1 if st.dim == 1 else sizes[st.dim]  # type: ignore[index]
-        from ._matexpr import unit_entry
-
+        # rep maps node entries to expressions in leaves only, so one substitution suffices
         col = [unit_entry(o, i, {dim_symbol(k): v for k, v in sizes.items()}).xreplace(rep) for i in range(d)]
-        col = [c.xreplace(rep) for c in col]
         outs.append(sympy.Matrix(col))
     return outs
