@@ -1,18 +1,32 @@
-r"""Cython code generation for the time loops of any cell.
+r"""Cython code generation: one compiled program per cell for forward, loss and BPTT.
 
-The generated module has two functions, ``forward`` and ``backward``, that run the
-*state-dependent* part of a cell over all time steps in compiled, ``nogil`` code:
-Linear nodes as BLAS GEMMs (``scipy.linalg.cython_blas``), elementwise nodes and
-local partials printed from SymPy by :class:`KernelPrinter` (a subclass of SymPy's
-C99 printer: dispatch by type, float32/float64 from its type-alias table), with
-deterministic common-subexpression elimination.  The state-independent part (input
-projections for all steps in one GEMM, biases) and the weight gradients (one GEMM
-over ``T*B``) stay in numpy, shared with the reference kernels.
+The generated module runs everything of a training step in compiled, ``nogil`` code:
 
-Every identifier in generated code comes from a fixed scheme (``S0`` states, ``N3``
-nodes, ``Q1`` state-independent nodes, ``M2`` matrices, ``P0`` vectors, ``p0``
-scalars, ``D0`` sizes); user names appear only in comments, and they are validated
-identifiers.  The same cell always gives byte-identical source.
+1. **stacking** -- the Linear nodes that read the same source are one *group*; their
+   matrices are copied into one stacked matrix (and its transpose), so each group is
+   one matrix product;
+2. **state-independent part** -- groups reading the input (``U x`` for all ``t``) are one
+   GEMM over ``T*B`` rows before the time loop, followed by the elementwise nodes that
+   need no state;
+3. **time loop** -- per step, the state-dependent groups (one GEMM each: BLAS, or plain
+   loops for tiny products) and *fused* elementwise loops: consecutive nodes of the same
+   dimension are computed in one loop over ``(b, i)``, kept in registers, and stored only
+   where BPTT or the caller needs them (the caller chooses per node: a ``(T, B, d)``
+   trajectory or a ``(B, d)`` scratch row);
+4. **losses** -- last-state and per-step MSE through a linear readout;
+5. **BPTT** -- the reverse loop evaluates the derived local partials (σ' and tanh' from
+   the forward values), keeps adjoints that stay inside one fused loop in registers,
+   sends adjoints through each group with one GEMM, and afterwards computes every
+   weight gradient as one GEMM over ``T*B`` rows;
+6. **checks** -- every input is tested for NaN/inf (by bit pattern, so ``-ffast-math``
+   cannot remove the test) and so is every result.
+
+Elementwise code is printed by :class:`KernelPrinter`, a subclass of SymPy's C99 printer
+(dispatch by type; the float32/float64 choice is its type-alias table), after
+deterministic common-subexpression elimination (``order='canonical'``).  Identifiers
+come from a fixed scheme (``S0`` states, ``N3`` nodes, ``Z1`` group outputs, ``P0``
+vectors, ``p0`` scalars, ...); a user's names appear only in comments, and they are
+validated identifiers.  The same cell always gives byte-identical source.
 """
 
 from __future__ import annotations
@@ -32,21 +46,27 @@ from ._derive import jacobian
 from ._derive._local import Owner, local_partials
 from ._errors import CellSpecError
 
-__all__ = ["KernelPrinter", "generate", "GeneratedSource"]
+__all__ = ["KernelPrinter", "generate", "GeneratedSource", "Slot", "Group"]
 
 _EXPAND_POW = [create_expand_pow_optimization(4)]
 
+#: ``run`` flags (the ``what`` argument of the generated module's ``run``)
+FORWARD, LOSS_LAST, LOSS_STEP, BACKWARD = 1, 2, 4, 8
+
+#: tiny matrix products (fewer multiply-adds than this, or one row) use plain loops, not BLAS
+SMALL_GEMM = 24576
+
 
 class KernelPrinter(C99CodePrinter):
-    """SymPy -> C for kernel bodies: symbols print as array accesses, gates as stable helpers."""
+    """SymPy -> C for kernel bodies: symbols print as locals or array accesses, gates as stable helpers."""
 
-    def __init__(self, dtype: np.dtype, access: dict[sympy.Symbol, str]) -> None:
+    def __init__(self, dtype: np.dtype) -> None:
         # no C macros (M_LN2, ...): Cython does not know them; constants print as expressions
         super().__init__({"type_aliases": {real: float32 if dtype == np.float32 else float64}, "math_macros": {}})
-        self._access = access
+        self.access: dict[sympy.Symbol, str] = {}
         self._single = dtype == np.float32
 
-    def _print_Float(self, f: Any) -> str:  # noqa: N802
+    def _print_Float(self, f: Any) -> str:  # noqa: N802 - SymPy's dispatch name
         # Cython has no 1.0F literal: cast a double literal to the kernel's real type
         lit = super()._print_Float(f)
         return f"(<real>{lit.rstrip('F')})" if self._single else lit
@@ -55,9 +75,9 @@ class KernelPrinter(C99CodePrinter):
         lit = f"{int(r.p)}.0/{int(r.q)}.0"
         return f"(<real>({lit}))" if self._single else f"({lit})"
 
-    def _print_Symbol(self, s: sympy.Symbol) -> str:  # noqa: N802 - SymPy's dispatch name
-        if s in self._access:
-            return self._access[s]
+    def _print_Symbol(self, s: sympy.Symbol) -> str:  # noqa: N802
+        if s in self.access:
+            return self.access[s]
         if s.name.startswith("_c"):  # a CSE temporary
             return s.name
         raise CellSpecError(f"internal: no code for symbol {s.name!r}")
@@ -69,202 +89,755 @@ class KernelPrinter(C99CodePrinter):
         return f"sg_softplus({self._print(e.args[0])})"
 
 
+@dataclass(frozen=True)
+class Slot:
+    """One array the generated program reads or writes, in the order ``run`` takes pointers.
+
+    ``shape`` holds tokens the caller resolves: ``"T"``, ``"T+1"``, ``"B"``, ``"o"``, a
+    dimension name, ``1``, or ``("R", g)`` / ``("RS", g)`` (the rows of a stacked group).
+    """
+
+    code: str
+    role: str
+    key: Any
+    shape: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Linear nodes that read the same source: one stacked matrix, one matrix product."""
+
+    index: int
+    static: bool
+    source: str
+    members: tuple[str, ...]
+    matrices: tuple[str, ...]
+    rows: tuple[Dim, ...]
+    cols: Dim
+
+
 @dataclass
 class GeneratedSource:
-    """Generated Cython source and the argument layout the wrapper must follow."""
+    """Generated Cython source and the layout its ``run`` function expects."""
 
     source: str
-    states: list[str]
-    dynamic_nodes: list[str]
-    static_nodes: list[str]
-    matrices: list[str]
-    vectors: list[str]
-    scalars: list[str]
+    slots: list[Slot]
+    ints: list[tuple[Any, ...]]
+    groups: list[Group]
     dims: list[Dim]
-    reads_x: bool
+    states: list[str]
+    nodes: list[str]  # state-dependent elementwise nodes, in slot order
+    static_nodes: list[str]  # state-independent elementwise nodes
+    needed: set[str]  # state-dependent nodes BPTT reads (stored over T even in minimal runs)
     content_hash: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# ----------------------------------------------------------------------------- helpers
+
+
 def _cse(exprs: list[sympy.Expr]) -> tuple[list[tuple[sympy.Symbol, sympy.Expr]], list[sympy.Expr]]:
-    temps = sympy.numbered_symbols("_c")
-    repl, red = sympy.cse(exprs, symbols=temps, order="canonical")
+    repl, red = sympy.cse(exprs, symbols=sympy.numbered_symbols("_c"), order="canonical")
     return repl, red
 
 
-def generate(cell: Cell, dtype: Any) -> GeneratedSource:
-    """The Cython source of ``cell``'s forward and BPTT time loops for ``dtype``."""
-    from ._reference import reference_kernel
+@dataclass
+class _Item:
+    """A node or updated state in evaluation order (the kernel's view of a plan step)."""
 
+    name: str
+    kind: str  # fn | arith | linear | out
+    dim: Dim
+    static: bool
+    expr: sympy.Expr | None = None
+    deps: frozenset[str] = frozenset()
+    partials: list[tuple[str, sympy.Expr]] = field(default_factory=list)
+    matrix: str | None = None
+    source: str | None = None
+    state: int = -1
+
+
+@dataclass
+class _Op:
+    kind: str  # "gemm" | "loop"
+    items: list[_Item]
+    dim: Dim = 1
+    group: Group | None = None
+
+
+class _Fn:
+    """Collects the parameters of one generated elementwise function and what the caller passes."""
+
+    def __init__(self) -> None:
+        self.ptrs: dict[str, str] = {}  # parameter -> caller expression
+        self.vals: dict[str, str] = {}
+
+    def ptr(self, name: str, caller: str) -> str:
+        self.ptrs.setdefault(name, caller)
+        return name
+
+    def val(self, name: str, caller: str) -> str:
+        self.vals.setdefault(name, caller)
+        return name
+
+
+# ----------------------------------------------------------------------------- generator
+
+
+class _Gen:
+    def __init__(self, cell: Cell, dt: np.dtype) -> None:
+        from ._reference import reference_kernel
+
+        self.cell, self.dt = cell, dt
+        self.printer = KernelPrinter(dt)
+        lp = local_partials(cell)
+        plan = reference_kernel(cell, "float64")._plan
+        self.states = [s.name for s in cell.states]
+        self.xname = cell.inputs[0].name
+        self.dims: list[Dim] = list(cell.dims())
+        self.D: dict[Dim, str] = {d: f"D{k}" for k, d in enumerate(self.dims)}
+        self.D[1] = "1"
+        self.sym = cell.symbols
+        self.name_of = {s: n for n, s in self.sym.items()}
+        self.kind_of: dict[str, str] = {lf.name: lf.kind for lf in cell.leaves}
+        self.dim_of: dict[str, Dim] = {lf.name: lf.dim for lf in cell.leaves}
+        self.dim_of.update({nd.name: nd.dim for nd in cell.nodes})
+        self.shape_of = {p.name: p.shape for p in cell.params}
+        self.consts = cell.constants
+        mats = [p.name for p in cell.params if p.kind == "matrix"]
+        self.M = {nm: f"M{k}" for k, nm in enumerate(mats)}
+        self.P = {p.name: f"P{k}" for k, p in enumerate(q for q in cell.params if q.kind == "vector")}
+        self.p = {p.name: f"p{k}" for k, p in enumerate(q for q in cell.params if q.kind == "scalar")}
+        items: list[_Item] = []
+        for st in plan:
+            it = _Item(st.name, st.kind, st.dim, st.static, matrix=st.matrix, source=st.source)
+            if st.kind == "linear":
+                it.deps = frozenset([st.source])  # type: ignore[list-item]
+            else:
+                if st.kind == "out":
+                    it.state = self.states.index(st.state)  # type: ignore[arg-type]
+                    owner = Owner(None, it.state)
+                    it.expr = cell.outputs[it.state]
+                else:
+                    nd = cell.node(st.name)
+                    owner = Owner(nd.symbol)  # type: ignore[union-attr]
+                    it.expr = nd.expr  # type: ignore[union-attr]
+                it.deps = frozenset(self.name_of[s] for s in it.expr.free_symbols)  # type: ignore[union-attr]
+                it.partials = [(self.name_of[s], e) for s, e in lp.partials[owner].items()]
+            items.append(it)
+        self.items = {it.name: it for it in items}
+        leaves = {lf.name for lf in cell.leaves if lf.kind != "state"}
+        static_items = [it for it in items if it.static]
+        dyn_items = [it for it in items if not it.static]
+        self.static_ops, sgroups = self._schedule(static_items, leaves, static=True, first=0)
+        avail = leaves | set(self.states) | {it.name for it in static_items}
+        self.dyn_ops, dgroups = self._schedule(dyn_items, avail, static=False, first=0)
+        self.sgroups, self.dgroups = sgroups, dgroups
+        self.group_of: dict[str, tuple[Group, str]] = {}
+        for g in sgroups + dgroups:
+            for k, mem in enumerate(g.members):
+                self.group_of[mem] = (g, self._offset(g, k))
+        self.nodes = [it.name for it in dyn_items if it.kind in ("fn", "arith")]
+        self.N = {nm: f"N{k}" for k, nm in enumerate(self.nodes)}
+        self.static_nodes = [it.name for it in static_items if it.kind in ("fn", "arith")]
+        self.Q = {nm: f"Q{k}" for k, nm in enumerate(self.static_nodes)}
+        # which dynamic values BPTT reads: symbols in partials, and sources of dynamic groups
+        needed: set[str] = set()
+        for it in items:
+            for _, e in it.partials:
+                needed |= {self.name_of[s] for s in e.free_symbols}
+        needed |= {g.source for g in dgroups}
+        self.needed = {nm for nm in needed if nm in self.items and not self.items[nm].static}
+        # readers of every value: (owner name) for elementwise owners, ("@", group) for groups
+        self.readers: dict[str, list[str]] = {}
+        for it in items:
+            if it.kind == "linear":
+                self.readers.setdefault(it.source, []).append("@" + it.name)  # type: ignore[arg-type]
+            else:
+                for src, _ in it.partials:
+                    self.readers.setdefault(src, []).append(it.name)
+        self.op_of: dict[str, int] = {}
+        for k, op in enumerate(self.static_ops):
+            for it in op.items:
+                self.op_of[it.name] = ("s", k)  # type: ignore[assignment]
+        for k, op in enumerate(self.dyn_ops):
+            for it in op.items:
+                self.op_of[it.name] = ("d", k)  # type: ignore[assignment]
+        # adjoints kept in registers: every reader is an elementwise owner of the same loop
+        self.local_adj = {nm for nm in (self.nodes + self.static_nodes)
+                          if all(r[0] != "@" and self.op_of.get(r) == self.op_of[nm] for r in self.readers.get(nm, []))
+                          and self.readers.get(nm)}
+        self.A = {nm: f"A{k}" for k, nm in enumerate(n for n in self.nodes if n not in self.local_adj)}
+        self.QA = {nm: f"QA{k}" for k, nm in enumerate(n for n in self.static_nodes if n not in self.local_adj)}
+        self.max_temps = 0
+
+    # ------------------------------------------------------------------ schedule
+    def _schedule(self, items: list[_Item], avail: set[str], static: bool, first: int) -> tuple[list[_Op], list[Group]]:
+        """Ops in a valid order: ready Linear nodes first, stacked by source; then maximal fused loops."""
+        done = set(avail)
+        rem = list(items)
+        ops: list[_Op] = []
+        groups: list[Group] = []
+        while rem:
+            lin = [it for it in rem if it.kind == "linear" and it.deps <= done]
+            if lin:
+                by_src: dict[str, list[_Item]] = {}
+                for it in lin:
+                    by_src.setdefault(it.source, []).append(it)  # type: ignore[arg-type]
+                for src, members in by_src.items():
+                    shapes = [self.shape_of[it.matrix] for it in members]  # type: ignore[index]
+                    g = Group(len(groups), static, src, tuple(it.name for it in members), tuple(it.matrix for it in members),  # type: ignore[misc]
+                              tuple(s[0] for s in shapes), shapes[0][1])
+                    groups.append(g)
+                    ops.append(_Op("gemm", members, group=g))
+                done |= {it.name for it in lin}
+                rem = [it for it in rem if it not in lin]
+                continue
+            ready = [it for it in rem if it.kind != "linear" and it.deps <= done]
+            if not ready:  # pragma: no cover - the plan is topologically ordered
+                raise CellSpecError("internal: cannot schedule the cell's nodes")
+            d = ready[0].dim
+            chosen: list[_Item] = []
+            names = set(done)
+            grew = True
+            while grew:
+                grew = False
+                for it in rem:
+                    if it.kind != "linear" and it not in chosen and it.dim == d and it.deps <= names:
+                        chosen.append(it)
+                        names.add(it.name)
+                        grew = True
+            ops.append(_Op("loop", chosen, dim=d))
+            done |= {it.name for it in chosen}
+            rem = [it for it in rem if it not in chosen]
+        return ops, groups
+
+    def _offset(self, g: Group, k: int) -> str:
+        parts = [self.D[r] for r in g.rows[:k]]
+        return " + ".join(parts) if parts else "0"
+
+    def R(self, g: Group) -> str:
+        return f"{'RS' if g.static else 'R'}{g.index}"
+
+    def cD(self, d: Dim) -> str:
+        """A dimension's size as the driver reads it (from the context struct)."""
+        return "1" if d == 1 else f"c.{self.D[d]}"
+
+    # ------------------------------------------------------------------ printing
+    def code(self, e: sympy.Expr) -> str:
+        return self.printer.doprint(optimize(e, _EXPAND_POW))
+
+    @staticmethod
+    def at(ptr: str, ld: str, off: str, d: Dim, i: str = "i") -> str:
+        idx = "b" if ld == "1" else f"b*{ld}"
+        if off != "0":
+            idx += f" + {off}"
+        if d != 1:
+            idx += f" + {i}"
+        return f"{ptr}[{idx}]"
+
+    def value_access(self, nm: str, fn: _Fn, ctx: str, locals_: dict[str, str]) -> str:
+        """Code reading the value of ``nm`` at row ``b``, unit ``i``.
+
+        ``ctx`` is ``"static"`` (rows are all T*B), ``"fwd"`` or ``"bwd"`` (rows of step t).
+        """
+        if nm in locals_:
+            return locals_[nm]
+        d = self.dim_of[nm]
+        D, cD = self.D[d], self.cD(d)
+        kind = self.kind_of.get(nm)
+        tB = "" if ctx == "static" else " + t*B*"
+        if kind == "constant":
+            return self.code(sympy.Float(self.consts[nm]))
+        if kind == "vector":
+            return f"{fn.ptr(self.P[nm], 'c.' + self.P[nm])}[{'i' if d != 1 else '0'}]"
+        if kind == "scalar":
+            return fn.val(self.p[nm], f"c.{self.p[nm]}[0]")
+        if kind == "input":
+            return self.at(fn.ptr("X", "c.X" + (tB + cD if tB else "")), D, "0", d)
+        if kind == "state":
+            k = self.states.index(nm)
+            return self.at(fn.ptr(f"S{k}", f"c.S{k} + t*B*{cD}"), D, "0", d)
+        if nm in self.group_of:
+            g, off = self.group_of[nm]
+            R = self.R(g)
+            if g.static:
+                return self.at(fn.ptr(f"Y{g.index}", f"c.Y{g.index}" + (tB + "c." + R if tB else "")), R, off, d)
+            return self.at(fn.ptr(f"Z{g.index}", f"c.Z{g.index} + t*c.stZ{g.index}"), R, off, d)
+        if nm in self.Q:
+            return self.at(fn.ptr(self.Q[nm], f"c.{self.Q[nm]}" + (tB + cD if tB else "")), D, "0", d)
+        if nm in self.N:
+            return self.at(fn.ptr(self.N[nm], f"c.{self.N[nm]} + t*c.st{self.N[nm]}"), D, "0", d)
+        raise CellSpecError(f"internal: no storage for {nm!r}")  # pragma: no cover
+
+    # ------------------------------------------------------------------ forward
+    def fwd_function(self, name: str, op: _Op, static: bool) -> tuple[str, str]:
+        """An elementwise forward function for one fused loop, and the call the driver makes."""
+        fn = _Fn()
+        ctx = "static" if static else "fwd"
+        d = op.dim
+        locals_: dict[str, str] = {}
+        body: list[str] = []
+        for k, it in enumerate(op.items):
+            pr = self.printer
+            pr.access = {self.sym[nm]: self.value_access(nm, fn, ctx, locals_) for nm in sorted(it.deps)}
+            repl, red = _cse([it.expr])  # type: ignore[list-item]
+            self.max_temps = max(self.max_temps, len(repl))
+            body.append(f"            # {it.name}")
+            body += [f"            {s.name} = {self.code(e)}" for s, e in repl]
+            v = f"v{k}"
+            body.append(f"            {v} = {self.code(red[0])}")
+            if it.kind == "out":
+                sdim = self.dim_of[self.states[it.state]]
+                tgt = self.at(fn.ptr(f"SN{it.state}", f"c.S{it.state} + (t + 1)*B*{self.cD(sdim)}"), self.D[sdim], "0", d)
+            elif static:
+                tgt = self.at(fn.ptr(self.Q[it.name], f"c.{self.Q[it.name]}"), self.D[d], "0", d)
+            else:
+                q = self.N[it.name]
+                tgt = self.at(fn.ptr(q, f"c.{q} + t*c.st{q}"), self.D[d], "0", d)
+            body.append(f"            {tgt} = {v}")
+            locals_[it.name] = v
+        head = self._signature(name, fn)
+        loops = ["    for b in range(B):", f"        for i in range({self.D[d]}):" if d != 1 else "        for i in range(1):"]
+        decl = [f"    cdef real {', '.join([f'v{k}' for k in range(len(op.items))] + self._temps())}"]
+        src = "\n".join([head, "    cdef Py_ssize_t b, i", *decl, *loops, *body]) + "\n"
+        return src, self._call(name, fn, "T*B" if static else "B")
+
+    def _temps(self) -> list[str]:
+        return [f"_c{k}" for k in range(max(self.max_temps, 1))]
+
+    def _size_params(self) -> list[str]:
+        return ["Py_ssize_t B"] + [f"Py_ssize_t {self.D[d]}" for d in self.dims] + \
+            [f"Py_ssize_t {self.R(g)}" for g in self.sgroups + self.dgroups]
+
+    def _size_args(self, rows: str) -> list[str]:
+        return [rows] + [f"c.{self.D[d]}" for d in self.dims] + [f"c.{self.R(g)}" for g in self.sgroups + self.dgroups]
+
+    def _signature(self, name: str, fn: _Fn) -> str:
+        params = self._size_params() + [f"rp {p}" for p in fn.ptrs] + [f"real {v}" for v in fn.vals]
+        return f"cdef void {name}({', '.join(params)}) noexcept nogil:"
+
+    def _call(self, name: str, fn: _Fn, rows: str) -> str:
+        return f"{name}({', '.join(self._size_args(rows) + list(fn.ptrs.values()) + list(fn.vals.values()))})"
+
+    # ------------------------------------------------------------------ backward
+    def adj_target(self, nm: str, fn: _Fn, ctx: str) -> tuple[str, str, str, Dim] | None:
+        """Where the adjoint of ``nm`` accumulates: (kind, pointer, ld, offset) or a local.
+
+        kinds: ``local``, ``step`` (per-step buffer, first write '=' then '+='), ``acc``
+        (accumulated over all steps: x, vector parameters), ``scalar``.
+        """
+        d = self.dim_of[nm]
+        D, cD = self.D[d], self.cD(d)
+        kind = self.kind_of.get(nm)
+        tB = "" if ctx == "static" else " + t*B*"
+        if kind == "constant":
+            return None
+        if nm in self.local_adj:
+            return ("local", f"u_{self._id(nm)}", "", "0")  # type: ignore[return-value]
+        if kind == "vector":
+            return ("acc", fn.ptr("G" + self.P[nm], "c.G" + self.P[nm]), "0", "0")  # type: ignore[return-value]
+        if kind == "scalar":
+            return ("scalar", fn.ptr("G" + self.p[nm], "c.G" + self.p[nm]), "0", "0")  # type: ignore[return-value]
+        if kind == "input":
+            return ("acc", fn.ptr("GX", "c.GX" + (tB + cD if tB else "")), D, "0")  # type: ignore[return-value]
+        if kind == "state":
+            k = self.states.index(nm)
+            return ("step", fn.ptr(f"CN{k}", f"cn{k}"), D, "0")  # type: ignore[return-value]
+        if nm in self.group_of:
+            g, off = self.group_of[nm]
+            R = self.R(g)
+            if g.static:
+                return ("step", fn.ptr(f"YA{g.index}", f"c.YA{g.index}" + (tB + "c." + R if tB else "")), R, off)  # type: ignore[return-value]
+            return ("step", fn.ptr(f"L{g.index}", f"c.L{g.index} + t*B*c.{R}"), R, off)  # type: ignore[return-value]
+        if nm in self.QA:
+            return ("step", fn.ptr(self.QA[nm], f"c.{self.QA[nm]}" + (tB + cD if tB else "")), D, "0")  # type: ignore[return-value]
+        if nm in self.A:
+            return ("step", fn.ptr(self.A[nm], f"c.{self.A[nm]}"), D, "0")  # type: ignore[return-value]
+        raise CellSpecError(f"internal: no adjoint storage for {nm!r}")  # pragma: no cover
+
+    def _id(self, nm: str) -> str:
+        if nm in self.N:
+            return self.N[nm]
+        return self.Q[nm]
+
+    def bwd_function(self, name: str, op: _Op, static: bool, written: set[str]) -> tuple[str, str]:
+        fn = _Fn()
+        ctx = "static" if static else "bwd"
+        d = op.dim
+        a_sym = sympy.Symbol("a")
+        body: list[str] = []
+        red_b: dict[str, str] = {}  # dim-1 targets reduced over i, per row b: target -> accumulator
+        red_all: dict[str, str] = {}  # scalar parameters reduced over the whole loop
+        first_in_body: set[str] = set()  # locals and per-(b,i) buffers already written in this body
+        post_i: list[str] = []
+        post_b: list[str] = []
+        decl_u: list[str] = []
+        for it in reversed(op.items):
+            # the adjoint of this owner
+            if it.kind == "out":
+                k = it.state
+                sd = self.D[self.dim_of[self.states[k]]]
+                a_code = self.at(fn.ptr(f"CA{k}", f"ca{k}"), sd, "0", d)
+            elif it.name in self.local_adj:
+                a_code = f"u_{self._id(it.name)}"
+            else:
+                tgt = self.adj_target(it.name, fn, ctx)
+                a_code = self.at(tgt[1], tgt[2], tgt[3], d)  # type: ignore[index]
+            parts = [(src, e) for src, e in it.partials if self.adj_target(src, _Fn(), ctx) is not None]
+            if not parts:
+                continue
+            pr = self.printer
+            names = sorted({self.name_of[s] for _, e in parts for s in e.free_symbols})
+            pr.access = {self.sym[nm]: self.value_access(nm, fn, ctx if ctx == "static" else "bwd", {}) for nm in names}
+            pr.access[a_sym] = "a"
+            repl, red = _cse([a_sym * e for _, e in parts])
+            self.max_temps = max(self.max_temps, len(repl))
+            body.append(f"            # pull back {it.name}")
+            body.append(f"            a = {a_code}")
+            body += [f"            {s.name} = {self.code(e)}" for s, e in repl]
+            for (src, _), e in zip(parts, red):
+                kind, ptr, ld, off = self.adj_target(src, fn, ctx)  # type: ignore[misc]
+                sdim = self.dim_of[src]
+                c = self.code(e)
+                if kind == "local":
+                    if ptr in first_in_body:
+                        body.append(f"            {ptr} += {c}")
+                    else:
+                        body.append(f"            {ptr} = {c}")
+                        first_in_body.add(ptr)
+                        decl_u.append(ptr)
+                elif kind == "scalar":
+                    acc = red_all.setdefault(ptr, f"s{len(red_all)}")
+                    body.append(f"            {acc} += {c}")
+                elif sdim == 1 and d != 1:  # reduce over units, then write once per row
+                    key = f"{ptr}|{off}"
+                    if key not in red_b:
+                        red_b[key] = f"r{len(red_b)}"
+                        target = self.at(ptr, ld, off, 1)
+                        if kind == "acc" and ld == "0":
+                            target = f"{ptr}[0]"
+                        op_ = "+=" if (kind == "acc" or key in written) else "="
+                        post_i.append(f"        {target} {op_} {red_b[key]}")
+                        written.add(key)
+                    body.append(f"            {red_b[key]} += {c}")
+                else:
+                    if kind == "acc" and ld == "0":  # vector parameter
+                        target = f"{ptr}[{'i' if sdim != 1 else '0'}]"
+                    else:
+                        target = self.at(ptr, ld, off, sdim)
+                    key = f"{ptr}|{off}"
+                    if kind == "acc" or key in written:
+                        body.append(f"            {target} += {c}")
+                    else:
+                        body.append(f"            {target} = {c}")
+                        written.add(key)
+        for key, acc in red_all.items():
+            post_b.append(f"    {key}[0] += {acc}")
+        head = self._signature(name, fn)
+        accs = list(red_b.values()) + list(red_all.values())
+        decl = [f"    cdef real {', '.join(['a'] + accs + sorted(set(decl_u)) + self._temps())}"]
+        init_all = [f"    {acc} = 0" for acc in red_all.values()]
+        init_b = [f"        {acc} = 0" for acc in red_b.values()]
+        loop_i = f"        for i in range({self.D[d]}):" if d != 1 else "        for i in range(1):"
+        src = "\n".join([head, "    cdef Py_ssize_t b, i", *decl, *init_all, "    for b in range(B):", *init_b, loop_i,
+                         *body, *post_i, *post_b]) + "\n"
+        return src, self._call(name, fn, "T*B" if static else "B")
+
+
+def generate(cell: Cell, dtype: Any) -> GeneratedSource:
+    """The Cython source of ``cell``'s compiled program (forward, losses, BPTT) for ``dtype``."""
     dt = np.dtype(dtype)
     if dt not in (np.dtype("float32"), np.dtype("float64")):
         raise CellSpecError(f"kernels are generated for float32 and float64, not {dt}")
-    plan = reference_kernel(cell, "float64")._plan
-    lp = local_partials(cell)
-    dyn = [st for st in plan if not st.static]
-    dims: list[Dim] = list(cell.dims())
-    D = {d: f"D{k}" for k, d in enumerate(dims)}
-    D[1] = "1"
-    states = [s.name for s in cell.states]
-    S = {name: f"S{k}" for k, name in enumerate(states)}
-    dyn_nodes = [st.name for st in dyn if st.kind != "out"]
-    N = {name: f"N{k}" for k, name in enumerate(dyn_nodes)}
-    static_nodes = [st.name for st in plan if st.static]
-    Q = {name: f"Q{k}" for k, name in enumerate(static_nodes)}
-    mats = [p.name for p in cell.params if p.kind == "matrix"]
-    M = {name: f"M{k}" for k, name in enumerate(mats)}
-    vecs = [p.name for p in cell.params if p.kind == "vector"]
-    P = {name: f"P{k}" for k, name in enumerate(vecs)}
-    scals = [p.name for p in cell.params if p.kind == "scalar"]
-    p_ = {name: f"p{k}" for k, name in enumerate(scals)}
-    consts = cell.constants
-    xname = cell.inputs[0].name
-    dim_of = {lf.name: lf.dim for lf in cell.leaves}
-    dim_of.update({nd.name: nd.dim for nd in cell.nodes})
-    sym_of = cell.symbols
+    G = _Gen(cell, dt)
+    funcs: list[str] = []
+    slots: list[Slot] = []
+    D = G.D
 
-    def idx(name: str) -> str:
-        return "i" if dim_of[name] != 1 else "0"
+    def slot(code: str, role: str, key: Any, shape: tuple[Any, ...]) -> None:
+        slots.append(Slot(code, role, key, shape))
 
-    def fwd_access() -> dict[sympy.Symbol, str]:
-        acc: dict[sympy.Symbol, str] = {}
-        for name, sym in sym_of.items():
-            ii = idx(name)
-            if name in S:
-                acc[sym] = f"{S[name]}[t, b, {ii}]"
-            elif name in N:
-                acc[sym] = f"{N[name]}[t, b, {ii}]"
-            elif name in Q:
-                acc[sym] = f"{Q[name]}[t, b, {ii}]"
-            elif name == xname:
-                acc[sym] = f"X[t, b, {ii}]"
-            elif name in P:
-                acc[sym] = f"{P[name]}[{ii}]"
-            elif name in p_:
-                acc[sym] = p_[name]
-            elif name in consts:
-                acc[sym] = repr(float(consts[name]))
-        return acc
+    xdim = G.dim_of[G.xname]
+    slot("X", "x", G.xname, ("T", "B", xdim))
+    for nm, code in G.M.items():
+        slot(code, "param", nm, G.shape_of[nm])
+    for nm, code in G.P.items():
+        slot(code, "param", nm, G.shape_of[nm])
+    for nm, code in G.p.items():
+        slot(code, "param", nm, ())
+    for k, s in enumerate(G.states):
+        slot(f"H{k}", "h0", s, ("B", G.dim_of[s]))
+    slot("LV", "loss_V", None, ("o", G.dim_of[G.states[0]]))
+    slot("LY", "loss_y", None, ())  # shape depends on the loss
+    for k, s in enumerate(G.states):
+        slot(f"C{k}", "cot", s, ("T", "B", G.dim_of[s]))
+    n_inputs = len(slots)
+    for k, s in enumerate(G.states):
+        slot(f"S{k}", "state", s, ("T+1", "B", G.dim_of[s]))
+    for nm, code in G.N.items():
+        slot(code, "node", nm, ("T", "B", G.dim_of[nm]))
+    for nm, code in G.Q.items():
+        slot(code, "static", nm, ("T", "B", G.dim_of[nm]))
+    for g in G.sgroups:
+        slot(f"U{g.index}", "stack", g, (("RS", g.index), g.cols))
+        slot(f"Y{g.index}", "static_group", g, ("T", "B", ("RS", g.index)))
+    for g in G.dgroups:
+        slot(f"W{g.index}", "stack", g, (("R", g.index), g.cols))
+        slot(f"WT{g.index}", "stack_t", g, (g.cols, ("R", g.index)))
+        slot(f"Z{g.index}", "group", g, ("T", "B", ("R", g.index)))
+    # backward
+    for k, s in enumerate(G.states):
+        slot(f"CA{k}", "carry", s, ("B", G.dim_of[s]))
+        slot(f"CN{k}", "carry2", s, ("B", G.dim_of[s]))
+    for nm, code in G.A.items():
+        slot(code, "adj", nm, ("B", G.dim_of[nm]))
+    for nm, code in G.QA.items():
+        slot(code, "static_adj", nm, ("T", "B", G.dim_of[nm]))
+    for g in G.sgroups:
+        slot(f"YA{g.index}", "static_group_adj", g, ("T", "B", ("RS", g.index)))
+        slot(f"GU{g.index}", "grad_stack", g, (("RS", g.index), g.cols))
+    for g in G.dgroups:
+        slot(f"L{g.index}", "group_adj", g, ("T", "B", ("R", g.index)))
+        slot(f"GW{g.index}", "grad_stack", g, (("R", g.index), g.cols))
+    slot("GX", "grad_x", None, ("T", "B", xdim))
+    for nm, code in G.P.items():
+        slot("G" + code, "grad", nm, G.shape_of[nm])
+    for nm, code in G.p.items():
+        slot("G" + code, "grad", nm, (1,))
+    slot("GV", "grad_V", None, ("o", G.dim_of[G.states[0]]))
+    slot("LR", "loss_res", None, ())  # residuals; shape depends on the loss
+    ints: list[tuple[Any, ...]] = [("T",), ("B",), ("o",)] + [("dim", d) for d in G.dims]
+    ints += [("R", g.index) for g in G.dgroups] + [("RS", g.index) for g in G.sgroups]
+    ints += [("stride", G.N[nm]) for nm in G.nodes] + [("stride", f"Z{g.index}") for g in G.dgroups]
+    ints += [("has_cot", k) for k in range(len(G.states))]
 
-    def adj_target(name: str) -> str | None:
-        ii = idx(name)
-        if name in S:
-            return f"CN{states.index(name)}[b, {ii}]"
-        if name in N:
-            return f"AD{dyn_nodes.index(name)}[b, {ii}]"
-        if name in Q:
-            return f"QA{static_nodes.index(name)}[t, b, {ii}]"
-        if name == xname:
-            return f"GX[t, b, {ii}]"
-        if name in P:
-            return f"GP{vecs.index(name)}[{ii}]"
-        if name in p_:
-            return f"Gp{scals.index(name)}[0]"
-        return None  # a constant
-
-    printer = KernelPrinter(dt, fwd_access())
-    max_temps = 0
-
-    def code(e: sympy.Expr) -> str:
-        return printer.doprint(optimize(e, _EXPAND_POW))
-
-    def block(exprs: list[sympy.Expr], targets: list[str], ops: list[str], indent: str) -> list[str]:
-        nonlocal max_temps
-        repl, red = _cse(exprs)
-        max_temps = max(max_temps, len(repl))
-        lines = [f"{indent}{sym.name} = {code(e)}" for sym, e in repl]
-        lines += [f"{indent}{tgt} {op}({code(e)})" for tgt, op, e in zip(targets, ops, red)]
-        return lines
-
-    # ---------------------------------------------------------------- forward
-    fwd: list[str] = []
-    for st in dyn:
-        if st.kind == "linear":
-            src = st.source
-            src_ptr = f"&{S[src]}[t, 0, 0]" if src in S else f"&{N[src]}[t, 0, 0]"
-            r, c = (D[d] for d in next(p.shape for p in cell.params if p.name == st.matrix))
-            fwd.append(f"            # {st.name} = {st.matrix} @ {src}")
-            fwd.append(f"            gemm_nt(B, {r}, {c}, {src_ptr}, <real*>&{M[st.matrix]}[0, 0], &{N[st.name]}[t, 0, 0], 0)")
-            continue
-        owner_expr = cell.outputs[states.index(st.state)] if st.kind == "out" else cell.node(st.name).expr  # type: ignore[union-attr]
-        target = f"{S[st.state]}[t + 1, b, {'i' if st.dim != 1 else '0'}]" if st.kind == "out" else f"{N[st.name]}[t, b, {'i' if st.dim != 1 else '0'}]"
-        fwd.append(f"            # {st.name}")
-        fwd.append("            for b in range(B):")
-        fwd.append(f"                for i in range({D[st.dim]}):")
-        fwd += block([owner_expr], [target], ["= "], "                    ")
-
-    # --------------------------------------------------------------- backward
-    bwd: list[str] = []
-    for k, s in enumerate(states):
-        sd = D[dim_of[s]]
-        bwd.append("            for b in range(B):")
-        bwd.append(f"                for i in range({sd}):")
-        bwd.append(f"                    CN{k}[b, i] = 0")
-    for k, nm in enumerate(dyn_nodes):
-        bwd.append("            for b in range(B):")
-        bwd.append(f"                for i in range({D[dim_of[nm]]}):")
-        bwd.append(f"                    AD{k}[b, i] = 0")
-    for st in reversed(dyn):
-        if st.kind == "linear":
-            kk = dyn_nodes.index(st.name)
-            src = st.source
-            tgt_ptr = f"&CN{states.index(src)}[0, 0]" if src in S else f"&AD{dyn_nodes.index(src)}[0, 0]"  # type: ignore[arg-type]
-            r, c = (D[d] for d in next(p.shape for p in cell.params if p.name == st.matrix))
-            bwd.append(f"            # {st.name} = {st.matrix} @ {src}: keep its adjoint, send it to {src}")
-            bwd.append("            for b in range(B):")
-            bwd.append(f"                for i in range({r}):")
-            bwd.append(f"                    LA{kk}[t, b, i] = AD{kk}[b, i]")
-            bwd.append(f"            gemm_nn(B, {c}, {r}, &AD{kk}[0, 0], <real*>&{M[st.matrix]}[0, 0], {tgt_ptr}, 1)")
-            continue
-        if st.kind == "out":
-            k = states.index(st.state)  # type: ignore[arg-type]
-            owner = Owner(None, k)
-            a_expr = f"C{k}[t, b, i] + CA{k}[b, i]"
+    # ---------------------------------------------------------------- elementwise functions
+    calls_sf: list[str] = []
+    calls_df: list[str] = []
+    for k, op in enumerate(G.static_ops):
+        if op.kind == "loop":
+            f, call = G.fwd_function(f"sfw{k}", op, static=True)
+            funcs.append(f)
+            calls_sf.append(call)
         else:
-            owner = Owner(cell.node(st.name).symbol)  # type: ignore[union-attr]
-            a_expr = f"AD{dyn_nodes.index(st.name)}[b, {'i' if st.dim != 1 else '0'}]"
-        parts = [(sym, e) for sym, e in lp.partials[owner].items() if adj_target(sym.name) is not None]
-        if not parts:
-            continue
-        bwd.append(f"            # pull back {st.name}")
-        bwd.append("            for b in range(B):")
-        bwd.append(f"                for i in range({D[st.dim]}):")
-        bwd.append(f"                    a = {a_expr}")
-        bwd += block([e for _, e in parts], [adj_target(sym.name) for sym, _ in parts],  # type: ignore[misc]
-                     ["+= a * "] * len(parts), "                    ")
-    for k, s in enumerate(states):
-        bwd.append("            for b in range(B):")
-        bwd.append(f"                for i in range({D[dim_of[s]]}):")
-        bwd.append(f"                    CA{k}[b, i] = CN{k}[b, i]")
+            calls_sf.append(op)  # type: ignore[arg-type]
+    for k, op in enumerate(G.dyn_ops):
+        if op.kind == "loop":
+            f, call = G.fwd_function(f"fw{k}", op, static=False)
+            funcs.append(f)
+            calls_df.append(call)
+        else:
+            calls_df.append(op)  # type: ignore[arg-type]
+    written: set[str] = set()
+    calls_db: list[Any] = []
+    for k in reversed(range(len(G.dyn_ops))):
+        op = G.dyn_ops[k]
+        if op.kind == "loop":
+            f, call = G.bwd_function(f"bw{k}", op, static=False, written=written)
+            funcs.append(f)
+            calls_db.append(call)
+        else:
+            g = op.group
+            assert g is not None
+            tgt = G.adj_target(g.source, _Fn(), "bwd")
+            key = f"{tgt[1]}|{tgt[3]}" if tgt else ""  # type: ignore[index]
+            beta = "1" if key in written else "0"
+            written.add(key)
+            calls_db.append((g, tgt, beta))
+    step_written = set(written)
+    calls_sb: list[Any] = []
+    for k in reversed(range(len(G.static_ops))):
+        op = G.static_ops[k]
+        if op.kind == "loop":
+            f, call = G.bwd_function(f"sbw{k}", op, static=True, written=written)
+            funcs.append(f)
+            calls_sb.append(call)
+        else:
+            g = op.group
+            assert g is not None
+            tgt = G.adj_target(g.source, _Fn(), "static")
+            key = f"{tgt[1]}|{tgt[3]}" if tgt else ""  # type: ignore[index]
+            beta = "1" if (key in written or (tgt is not None and tgt[0] == "acc")) else "0"
+            written.add(key)
+            calls_sb.append((g, tgt, beta))
 
-    real_t = "float" if dt == np.float32 else "double"
-    gemm = "sgemm" if dt == np.float32 else "dgemm"
+    # ---------------------------------------------------------------- driver
+    def src_ptr(nm: str, static: bool, t: str) -> tuple[str, str]:
+        """Pointer to the (rows x c) block of values of ``nm`` starting at step ``t`` and its leading dimension."""
+        d = D[G.dim_of[nm]]
+        if G.kind_of.get(nm) == "input":
+            return f"c.X + {t}*c.B*c.{d}" if t != "0" else "c.X", f"c.{d}"
+        if G.kind_of.get(nm) == "state":
+            k = G.states.index(nm)
+            return f"c.S{k} + {t}*c.B*c.{d}" if t != "0" else f"c.S{k}", f"c.{d}"
+        if nm in G.group_of:
+            g, off = G.group_of[nm]
+            R = G.R(g)
+            offc = "" if off == "0" else " + " + _cexpr(off)
+            base = f"c.Y{g.index}" if g.static else f"c.Z{g.index}"
+            step = f"c.B*c.{R}" if g.static else f"c.stZ{g.index}"
+            return (f"{base} + {t}*{step}{offc}" if t != "0" else f"{base}{offc}"), f"c.{R}"
+        if nm in G.Q:
+            return (f"c.{G.Q[nm]} + {t}*c.B*c.{d}" if t != "0" else f"c.{G.Q[nm]}"), f"c.{d}"
+        q = G.N[nm]
+        return (f"c.{q} + {t}*c.st{q}" if t != "0" else f"c.{q}"), f"c.{d}"
+
+    def _cexpr(e: str) -> str:
+        return " + ".join(f"c.{p.strip()}" if p.strip() != "1" and not p.strip().isdigit() else p.strip() for p in e.split("+"))
+
+    def tgt_ptr(tgt: tuple[str, str, str, str], caller: dict[str, str]) -> tuple[str, str]:
+        kind, ptr, ld, off = tgt
+        expr = caller[ptr]
+        if off != "0":
+            expr += " + " + _cexpr(off)
+        return expr, ("c." + ld if ld not in ("1", "0") else "1")
+
+    fwd: list[str] = []
+    fwd.append("    # stacked weights of each group (and their transposes for the time loop)")
+    for g in G.sgroups + G.dgroups:
+        name = f"U{g.index}" if g.static else f"W{g.index}"
+        R = G.R(g)
+        c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
+        for k, mat in enumerate(g.matrices):
+            off = G._offset(g, k)
+            offc = "0" if off == "0" else _cexpr(off)
+            rows = f"c.{D[g.rows[k]]}" if g.rows[k] != 1 else "1"
+            fwd.append(f"    memcpy(c.{name} + ({offc})*{c_}, c.{G.M[mat]}, sizeof(real)*{rows}*{c_})")
+        if not g.static:
+            fwd.append(f"    transpose(c.{R}, {c_}, c.W{g.index}, c.WT{g.index})")
+    fwd.append("    # state-independent part, all steps at once")
+    for it in calls_sf:
+        if isinstance(it, _Op):
+            g = it.group
+            assert g is not None
+            sp, ld = src_ptr(g.source, True, "0")
+            c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
+            fwd.append(f"    # {', '.join(g.members)} = ({', '.join(g.matrices)}) @ {g.source}")
+            fwd.append(f"    mm(0, 1, c.T*c.B, c.RS{g.index}, {c_}, 1, {sp}, {ld}, c.U{g.index}, {c_}, 0, c.Y{g.index}, c.RS{g.index})")
+        else:
+            fwd.append(f"    {it}")
+    for k, s in enumerate(G.states):
+        fwd.append(f"    memcpy(c.S{k}, c.H{k}, sizeof(real)*c.B*c.{D[G.dim_of[s]]})")
+    fwd.append("    for t in range(T):")
+    for it in calls_df:
+        if isinstance(it, _Op):
+            g = it.group
+            assert g is not None
+            sp, ld = src_ptr(g.source, False, "t")
+            c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
+            fwd.append(f"        # {', '.join(g.members)} = ({', '.join(g.matrices)}) @ {g.source}")
+            fwd.append(f"        mm(0, 0, B, c.R{g.index}, {c_}, 1, {sp}, {ld}, c.WT{g.index}, c.R{g.index}, 0, c.Z{g.index} + t*c.stZ{g.index}, c.R{g.index})")
+        else:
+            fwd.append(f"        {it}")
+
+    bwd: list[str] = []
+    bwd.append("    memset(c.GX, 0, sizeof(real)*c.T*c.B*c." + D[xdim] + ")")
+    for nm, code in G.P.items():
+        dd = G.shape_of[nm][0]
+        bwd.append(f"    memset(c.G{code}, 0, sizeof(real)*{('c.' + D[dd]) if dd != 1 else '1'})")
+    for nm, code in G.p.items():
+        bwd.append(f"    c.G{code}[0] = 0")
+    for k in range(len(G.states)):
+        bwd.append(f"    ca{k} = c.CA{k}")
+        bwd.append(f"    cn{k} = c.CN{k}")
+    bwd.append("    for t in range(T - 1, -1, -1):")
+    for k, s in enumerate(G.states):
+        dd = D[G.dim_of[s]]
+        bwd.append(f"        if c.has_cot{k}:")
+        bwd.append(f"            axpy(B*c.{dd}, 1, c.C{k} + t*B*c.{dd}, ca{k})")
+    caller_names = {f"CN{k}": f"cn{k}" for k in range(len(G.states))}
+    for it in calls_db:
+        if isinstance(it, tuple):
+            g, tgt, beta = it
+            c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
+            bwd.append(f"        # send the adjoints of {', '.join(g.members)} to {g.source}")
+            if tgt is None:
+                continue
+            kind, ptr, ld, off = tgt
+            caller = {f"CN{k}": f"cn{k}" for k in range(len(G.states))}
+            caller.update({v: f"c.{v}" for v in G.A.values()})
+            for gg in G.dgroups:
+                caller[f"L{gg.index}"] = f"c.L{gg.index} + t*B*c.R{gg.index}"
+            tp, tld = tgt_ptr(tgt, caller)
+            bwd.append(f"        mm(0, 0, B, {c_}, c.R{g.index}, 1, c.L{g.index} + t*B*c.R{g.index}, c.R{g.index}, c.W{g.index}, {c_}, {beta}, {tp}, {tld})")
+        else:
+            bwd.append(f"        {it}")
+    for k, s in enumerate(G.states):
+        if f"CN{k}|0" not in step_written:
+            bwd.append(f"        memset(cn{k}, 0, sizeof(real)*B*c.{D[G.dim_of[s]]})")
+        bwd.append(f"        tmp = ca{k}; ca{k} = cn{k}; cn{k} = tmp")
+    for k, s in enumerate(G.states):
+        bwd.append(f"    if ca{k} != c.CA{k}:")
+        bwd.append(f"        memcpy(c.CA{k}, ca{k}, sizeof(real)*c.B*c.{D[G.dim_of[s]]})")
+    bwd.append("    # weight gradients: one product over T*B rows per group")
+    for g in G.dgroups:
+        sp, ld = src_ptr(g.source, False, "0")
+        if g.source in G.N:
+            ld = f"c.{D[G.dim_of[g.source]]}"
+        c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
+        bwd.append(f"    mm(1, 0, c.R{g.index}, {c_}, c.T*c.B, 1, c.L{g.index}, c.R{g.index}, {sp}, {ld}, 0, c.GW{g.index}, {c_})")
+    bwd.append("    # state-independent part, all steps at once")
+    for it in calls_sb:
+        if isinstance(it, tuple):
+            g, tgt, beta = it
+            sp, ld = src_ptr(g.source, True, "0")
+            c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
+            bwd.append(f"    mm(1, 0, c.RS{g.index}, {c_}, c.T*c.B, 1, c.YA{g.index}, c.RS{g.index}, {sp}, {ld}, 0, c.GU{g.index}, {c_})")
+            if tgt is not None:
+                caller = {"GX": "c.GX"}
+                caller.update({v: f"c.{v}" for v in G.QA.values()})
+                caller.update({f"YA{gg.index}": f"c.YA{gg.index}" for gg in G.sgroups})
+                tp, tld = tgt_ptr(tgt, caller)
+                bwd.append(f"    mm(0, 0, c.T*c.B, {c_}, c.RS{g.index}, 1, c.YA{g.index}, c.RS{g.index}, c.U{g.index}, {c_}, {beta}, {tp}, {tld})")
+        else:
+            bwd.append(f"    {it}")
+
+    # ---------------------------------------------------------------- module text
+    rt = "float" if dt == np.float32 else "double"
     f = "f" if dt == np.float32 else ""
-    arr3 = "real[:, :, ::1]"
-    arr2 = "real[:, ::1]"
-    arr1 = "real[::1]"
-    dim_args = ", ".join(f"int {D[d]}" for d in dims)
-    common = ["int T", "int B"] + ([dim_args] if dim_args else [])
-    common += [f"{arr3} {S[s]}" for s in states]
-    common += [f"{arr3} {N[nm]}" for nm in dyn_nodes]
-    common += [f"const {arr3} {Q[nm]}" for nm in static_nodes]  # read-only inputs may be read-only arrays
-    common += [f"const {arr3} X"]
-    common += [f"const {arr2} {M[nm]}" for nm in mats]
-    common += [f"const {arr1} {P[nm]}" for nm in vecs]
-    common += [f"real {p_[nm]}" for nm in scals]
-    bargs = [f"const {arr3} C{k}" for k in range(len(states))]
-    bargs += [f"{arr2} CA{k}" for k in range(len(states))] + [f"{arr2} CN{k}" for k in range(len(states))]
-    bargs += [f"{arr2} AD{k}" for k in range(len(dyn_nodes))]
-    bargs += [f"{arr3} LA{k}" for k in range(len(dyn_nodes))]
-    bargs += [f"{arr3} QA{k}" for k in range(len(static_nodes))]
-    bargs += [f"{arr3} GX"] + [f"{arr1} GP{k}" for k in range(len(vecs))] + [f"{arr1} Gp{k}" for k in range(len(scals))]
-    temps = ", ".join([f"_c{k}" for k in range(max_temps)] + ["a"])
+    gemm = "sgemm" if dt == np.float32 else "dgemm"
+    bits = "uint32_t" if dt == np.float32 else "uint64_t"
+    expmask = "0x7f800000U" if dt == np.float32 else "0x7ff0000000000000ULL"
+    ctx_fields = [f"    real* {s.code}" for s in slots] + ["    double* LOSS"]
+    int_fields = []
+    for it in ints:
+        if it[0] == "dim":
+            int_fields.append(D[it[1]])
+        elif it[0] in ("R", "RS"):
+            int_fields.append(f"{it[0]}{it[1]}")
+        elif it[0] == "stride":
+            int_fields.append(f"st{it[1]}")
+        elif it[0] == "has_cot":
+            int_fields.append(f"has_cot{it[1]}")
+        else:
+            int_fields.append(it[0])
+    ctx_fields += [f"    Py_ssize_t {nm}" for nm in int_fields]
+    unpack = [f"    c.{s.code} = <real*><size_t>ptr[{k}]" for k, s in enumerate(slots)]
+    unpack.append(f"    c.LOSS = <double*><size_t>ptr[{len(slots)}]")
+    unpack += [f"    c.{nm} = iv[{k}]" for k, nm in enumerate(int_fields)]
+    sizes_of = {s.code: s for s in slots}
+    # finiteness checks: every input slot (reads only; bound arrays of the run), every result
+    in_checks = []
+    for k, s in enumerate(slots[:n_inputs]):
+        in_checks.append(f"    if c.{s.code} != NULL and not all_finite(c.{s.code}, sz[{k}]):\n        return {k + 1}")
+    out_codes = ["GX", "GV"] + [f"CA{k}" for k in range(len(G.states))] + [f"GW{g.index}" for g in G.dgroups] + \
+        [f"GU{g.index}" for g in G.sgroups] + ["G" + v for v in G.P.values()] + ["G" + v for v in G.p.values()]
+    out_idx = [next(k for k, s in enumerate(slots) if s.code == oc) for oc in out_codes]
+    state_idx = [next(k for k, s in enumerate(slots) if s.code == f"S{j}") for j in range(len(G.states))]
+    del sizes_of
+    temps_line = ", ".join(["tmp"] + [f"ca{k}, cn{k}" for k in range(len(G.states))])
     header = _header(cell, dt)
     body = f"""
 from libc.math cimport tanh{f}, exp{f}, log{f}, log1p{f}, pow{f}, sqrt{f}, fabs{f}
+from libc.string cimport memcpy, memset
+from libc.stdint cimport {bits}
 from scipy.linalg.cython_blas cimport {gemm}
 
-ctypedef {real_t} real
+ctypedef {rt} real
+
+cdef extern from *:
+    ctypedef {rt}* rp "{rt} * __restrict__"
 
 
 cdef inline real sg_sigmoid(real u) noexcept nogil:
@@ -277,41 +850,133 @@ cdef inline real sg_softplus(real u) noexcept nogil:
     return (u if u > 0 else 0) + log1p{f}(exp{f}(-fabs{f}(u)))
 
 
-cdef inline void gemm_nt(int Mr, int Nc, int K, real* A, real* W, real* C, real beta) noexcept nogil:
-    # row-major C (Mr x Nc) = A (Mr x K) @ W.T (W: Nc x K) + beta * C
-    cdef char ta = b'T'
-    cdef char tb = b'N'
-    cdef real one = 1
-    {gemm}(&ta, &tb, &Nc, &Mr, &K, &one, W, &K, A, &K, &beta, C, &Nc)
+cdef bint all_finite(const real* p, Py_ssize_t n) noexcept nogil:
+    # by bit pattern: -ffast-math may assume finite floats and drop isfinite() tests
+    cdef Py_ssize_t k
+    cdef {bits} u, bad = 0
+    for k in range(n):
+        memcpy(&u, &p[k], sizeof(real))
+        bad |= <{bits}>((u & {expmask}) == {expmask})
+    return bad == 0
 
 
-cdef inline void gemm_nn(int Mr, int Nc, int K, real* A, real* W, real* C, real beta) noexcept nogil:
-    # row-major C (Mr x Nc) = A (Mr x K) @ W (K x Nc) + beta * C
-    cdef char tn = b'N'
-    cdef real one = 1
-    {gemm}(&tn, &tn, &Nc, &Mr, &K, &one, W, &Nc, A, &K, &beta, C, &Nc)
+cdef void small_mm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, rp A, Py_ssize_t lda,
+                   rp Bm, Py_ssize_t ldb, real beta, rp C, Py_ssize_t ldc) noexcept nogil:
+    # row-major C = alpha A B + beta C (beta 0 or 1), rows of C updated as axpys
+    cdef Py_ssize_t r, k, j
+    cdef real s
+    for r in range(M):
+        if beta == 0:
+            for j in range(N):
+                C[r*ldc + j] = 0
+        for k in range(K):
+            s = alpha*A[r*lda + k]
+            for j in range(N):
+                C[r*ldc + j] += s*Bm[k*ldb + j]
 
 
-def forward({", ".join(common)}):
-    cdef Py_ssize_t t, b, i
-    cdef real {temps}
-    with nogil:
-        for t in range(T):
+cdef void mm(bint ta, bint tb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, real* A, Py_ssize_t lda,
+             real* Bm, Py_ssize_t ldb, real beta, real* C, Py_ssize_t ldc) noexcept nogil:
+    # row-major C (M x N) = alpha op(A) op(B) + beta C, through column-major BLAS on the transposes
+    cdef char ca = b'T' if ta else b'N'
+    cdef char cb = b'T' if tb else b'N'
+    cdef int m_ = <int>N, n_ = <int>M, k_ = <int>K, la = <int>lda, lb = <int>ldb, lc = <int>ldc
+    if M == 0 or N == 0:
+        return
+    if not ta and not tb and (M < 4 or M*N*K <= {SMALL_GEMM}):
+        small_mm(M, N, K, alpha, A, lda, Bm, ldb, beta, C, ldc)
+        return
+    {gemm}(&cb, &ca, &m_, &n_, &k_, &alpha, Bm, &lb, A, &la, &beta, C, &lc)
+
+
+cdef void transpose(Py_ssize_t R, Py_ssize_t C, const real* A, real* AT) noexcept nogil:
+    cdef Py_ssize_t r, j
+    for r in range(R):
+        for j in range(C):
+            AT[j*R + r] = A[r*C + j]
+
+
+cdef void axpy(Py_ssize_t n, real s, const real* x, real* y) noexcept nogil:
+    cdef Py_ssize_t k
+    for k in range(n):
+        y[k] += s*x[k]
+
+
+cdef struct Ctx:
+{chr(10).join(ctx_fields)}
+
+
+{chr(10).join(funcs)}
+
+cdef void forward(Ctx* c) noexcept nogil:
+    cdef Py_ssize_t t, T = c.T, B = c.B
 {chr(10).join(fwd)}
 
 
-def backward({", ".join(common + bargs)}):
-    cdef Py_ssize_t t, b, i
-    cdef real {temps}
-    with nogil:
-        for t in range(T - 1, -1, -1):
+cdef void loss(Ctx* c, bint step) noexcept nogil:
+    # MSE of the readout V h (V: o x n) against y: last state (B x o) or every step (T x B x o)
+    cdef Py_ssize_t rows = c.T*c.B if step else c.B, k
+    cdef real* H = c.S0 + (c.B*c.{D[G.dim_of[G.states[0]]]} if step else c.T*c.B*c.{D[G.dim_of[G.states[0]]]})
+    cdef Py_ssize_t n = c.{D[G.dim_of[G.states[0]]]}
+    cdef double acc = 0
+    cdef real s = <real>(2.0/(rows*c.o))
+    for k in range(rows*c.o):
+        c.LR[k] = -c.LY[k]
+    mm(0, 1, rows, c.o, n, 1, H, n, c.LV, n, 1, c.LR, c.o)
+    for k in range(rows*c.o):
+        acc += (<double>c.LR[k])*c.LR[k]
+    c.LOSS[0] = acc/(rows*c.o)
+    mm(1, 0, c.o, n, rows, s, c.LR, c.o, H, n, 0, c.GV, n)
+    if step:
+        mm(0, 0, rows, n, c.o, s, c.LR, c.o, c.LV, n, 0, c.C0, n)
+        c.has_cot0 = 1
+    else:
+        mm(0, 0, rows, n, c.o, s, c.LR, c.o, c.LV, n, 0, c.CA0, n)
+
+
+cdef void backward(Ctx* c) noexcept nogil:
+    cdef Py_ssize_t t, T = c.T, B = c.B
+    cdef real* {temps_line.replace(', ', ', *')}
 {chr(10).join(bwd)}
+
+
+def run(const long long[::1] ptr, const long long[::1] iv, const long long[::1] sz, int what):
+    \"\"\"Run the program on the arrays at the addresses ``ptr`` (layout: the generator's slots).
+
+    ``what``: 1 forward, 2 last-state loss, 4 per-step loss, 8 BPTT (bits).  Returns 0, or
+    k > 0 if input slot k-1 holds a NaN/inf, or -1 if a result is not finite.
+    \"\"\"
+    cdef Ctx c
+    cdef int k
+{chr(10).join(unpack)}
+    cdef const long long* szp = &sz[0]
+    with nogil:
+        k = _checked(&c, szp, what)
+    return k
+
+
+cdef int _checked(Ctx* c, const long long* sz, int what) noexcept nogil:
+{chr(10).join(in_checks)}
+    if what & {FORWARD}:
+        forward(c)
+        if not all_finite(c.S0 + c.T*c.B*c.{D[G.dim_of[G.states[0]]]}, c.B*c.{D[G.dim_of[G.states[0]]]}):
+            return -1
+    if what & {BACKWARD}:
+{chr(10).join(f"        memset(c.CA{k}, 0, sizeof(real)*c.B*c.{D[G.dim_of[st]]})" for k, st in enumerate(G.states))}
+    if what & {LOSS_LAST}:
+        loss(c, 0)
+    if what & {LOSS_STEP}:
+        loss(c, 1)
+    if what & {BACKWARD}:
+        backward(c)
+{chr(10).join(f"        if c.{slots[k].code} != NULL and not all_finite(c.{slots[k].code}, sz[{k}]):{chr(10)}            return -1" for k in out_idx)}
+    return 0
 """
     source = header + body
     h = hashlib.sha256(source.encode()).hexdigest()
     source = source.replace("# content hash: (pending)", f"# content hash: {h}")
-    return GeneratedSource(source, states, dyn_nodes, static_nodes, mats, vecs, scals, dims,
-                           reads_x=any(cell.symbols[xname] in lp.partials[ow] for ow in lp.partials), content_hash=h)
+    return GeneratedSource(source, slots, ints, G.sgroups + G.dgroups, G.dims, G.states, G.nodes, G.static_nodes,
+                           G.needed, content_hash=h, extra={"n_inputs": n_inputs, "state_slots": state_idx})
 
 
 def _header(cell: Cell, dt: np.dtype) -> str:

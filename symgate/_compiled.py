@@ -1,9 +1,13 @@
-"""Compiled kernels: the reference kernels' API with generated Cython time loops.
+"""Compiled kernels: the reference kernels' API, run by a generated Cython program.
 
-:class:`CompiledKernel` is a :class:`~symgate.ReferenceKernel` whose two time loops
-(forward, and the reverse loop of BPTT) run in a generated, cached Cython module;
-everything else (argument checking, state-independent projections, weight-gradient
-products, JVPs, Jacobians) is shared with the reference implementation.
+:class:`CompiledKernel` is a :class:`~symgate.ReferenceKernel` whose forward pass,
+losses and BPTT run in one generated, cached Cython module (see
+:mod:`symgate._codegen`); argument checking, JVPs and dense Jacobians are shared with
+the reference implementation (JVPs and Jacobians read the compiled forward pass).
+
+For training loops, :meth:`CompiledKernel.prepare` validates and binds the arrays once
+and returns a :class:`PreparedStep`: each call then runs forward, loss and BPTT in a
+single compiled call on the *current contents* of the bound arrays.
 """
 
 from __future__ import annotations
@@ -14,16 +18,124 @@ import numpy as np
 
 from ._build import build_module
 from ._cell import Cell, Dim
-from ._codegen import generate
-from ._errors import CellSpecError, SymgateError
-from ._reference import ReferenceKernel, Trajectory
+from ._codegen import BACKWARD, FORWARD, LOSS_LAST, LOSS_STEP, GeneratedSource, Slot, generate
+from ._errors import CellSpecError, NonFiniteError, NumericalError, SymgateError
+from ._reference import Gradients, ReferenceKernel, Trajectory
 from ._validate import check_dtype
+from .losses import LastMSE, Loss, StepMSE
 
-__all__ = ["CompiledKernel", "compile", "kernels"]
+__all__ = ["CompiledKernel", "PreparedStep", "compile", "kernels"]
+
+
+class _Run:
+    """The arrays of one program run and the three integer vectors ``run`` takes."""
+
+    def __init__(self, k: "CompiledKernel", params: Mapping[str, np.ndarray], x: np.ndarray, h0: Mapping[str, np.ndarray],
+                 sizes: Mapping[Dim, int], *, store_all: bool, loss: Loss | None, cots: Mapping[str, np.ndarray] | None,
+                 backward: bool) -> None:
+        g = k.generated
+        dt = k.dtype
+        T, B, _ = x.shape
+        self.T, self.B = T, B
+        step = isinstance(loss, StepMSE)
+        o = loss.V.shape[0] if loss is not None else 1
+        width = {("R" if not grp.static else "RS", grp.index): sum(sizes[r] for r in grp.rows) for grp in g.groups}
+        needed = g.needed
+        group_stored = {grp.index: store_all or any(m in needed for m in grp.members) for grp in g.groups if not grp.static}
+
+        def shape(sl: Slot) -> tuple[int, ...]:
+            out = []
+            for tok in sl.shape:
+                if tok == "T":
+                    out.append(T)
+                elif tok == "T+1":
+                    out.append(T + 1)
+                elif tok == "B":
+                    out.append(B)
+                elif tok == "o":
+                    out.append(o)
+                elif isinstance(tok, tuple):
+                    out.append(width[tok])
+                else:
+                    out.append(sizes[tok])
+            return tuple(out)
+
+        arrays: dict[str, np.ndarray | None] = {}
+        check: dict[str, bool] = {}
+        bwd_roles = {"carry", "carry2", "adj", "static_adj", "static_group_adj", "group_adj", "grad_stack", "grad_x", "grad"}
+        for sl in g.slots:
+            a: np.ndarray | None
+            chk = False
+            if sl.role == "x":
+                a, chk = x, True
+            elif sl.role == "param":
+                a, chk = params[sl.key], True
+            elif sl.role == "h0":
+                a, chk = h0[sl.key], True
+            elif sl.role == "loss_V":
+                a, chk = (loss.V, True) if loss is not None else (None, False)
+            elif sl.role == "loss_y":
+                a, chk = (loss.y, True) if loss is not None else (None, False)
+            elif sl.role == "cot":
+                if cots is not None:
+                    a, chk = cots[sl.key], True
+                elif step and sl.key == g.states[0]:
+                    a = np.empty((T, B, sizes[k.cell.states[0].dim]), dtype=dt)
+                else:
+                    a = None
+            elif sl.role == "node":
+                full = store_all or sl.key in needed
+                a = np.empty(shape(sl) if full else (B, sizes[sl.shape[-1]]), dtype=dt)
+            elif sl.role == "group":
+                a = np.empty(shape(sl) if group_stored[sl.key.index] else shape(sl)[1:], dtype=dt)
+            elif sl.role in bwd_roles:
+                a = np.empty(shape(sl), dtype=dt) if backward else None
+            elif sl.role == "grad_V":
+                a = np.empty(shape(sl), dtype=dt) if loss is not None else None
+            elif sl.role == "loss_res":
+                a = (np.empty((T, B, o) if step else (B, o), dtype=dt)) if loss is not None else None
+            else:  # state, static, stack, stack_t, static_group
+                a = np.empty(shape(sl), dtype=dt)
+            arrays[sl.code] = a
+            check[sl.code] = chk
+        self.arrays = arrays
+        self.loss_value = np.zeros(1, dtype=np.float64)
+        ptr = [0 if a is None else a.__array_interface__["data"][0] for a in arrays.values()]
+        ptr.append(self.loss_value.__array_interface__["data"][0])
+        self.ptr = np.array(ptr, dtype=np.int64).astype(np.longlong)
+        results = {"grad_x", "grad_V", "carry", "grad_stack", "grad"}
+        self.sz = np.array([(a.size if a is not None and (check[sl.code] or sl.role in results) else 0)
+                            for sl, a in zip(g.slots, arrays.values())], dtype=np.longlong)
+        iv: list[int] = []
+        for it in g.ints:
+            if it[0] == "T":
+                iv.append(T)
+            elif it[0] == "B":
+                iv.append(B)
+            elif it[0] == "o":
+                iv.append(o)
+            elif it[0] == "dim":
+                iv.append(sizes[it[1]])
+            elif it[0] in ("R", "RS"):
+                iv.append(width[(it[0], it[1])])
+            elif it[0] == "stride":
+                a = arrays[it[1]]
+                iv.append(0 if a is None or a.ndim == 2 else a.shape[1] * a.shape[2])
+            elif it[0] == "has_cot":
+                iv.append(1 if cots is not None else 0)
+        self.iv = np.array(iv, dtype=np.longlong)
+        self.what = FORWARD | (BACKWARD if backward else 0) | \
+            (0 if loss is None else (LOSS_STEP if step else LOSS_LAST))
+        self.kernel = k
+
+    def __call__(self) -> None:
+        code = self.kernel.module.run(self.ptr, self.iv, self.sz, self.what)
+        if code != 0:
+            self.kernel._raise(code, self)
 
 
 class CompiledKernel(ReferenceKernel):
-    """A kernel whose time loops are compiled (float32 or float64)."""
+    """A kernel whose forward pass, losses and BPTT are one compiled program (float32 or float64)."""
 
     backend = "compiled"
 
@@ -31,7 +143,7 @@ class CompiledKernel(ReferenceKernel):
         super().__init__(cell, dtype)
         if self.dtype not in (np.dtype("float32"), np.dtype("float64")):
             raise CellSpecError(f"compiled kernels are float32 or float64, not {self.dtype}")
-        self.generated = generate(cell, self.dtype)
+        self.generated: GeneratedSource = generate(cell, self.dtype)
         self.module = build_module(self.generated.source, extra=(self.dtype.str,))
 
     @property
@@ -39,59 +151,167 @@ class CompiledKernel(ReferenceKernel):
         """The generated Cython source."""
         return self.generated.source
 
-    def _common_args(self, params: Mapping[str, np.ndarray], x: np.ndarray, S: list[np.ndarray],
-                     nodes: Mapping[str, np.ndarray], static: Mapping[str, np.ndarray], sizes: Mapping[Dim, int]) -> list[Any]:
+    # ------------------------------------------------------------------ errors
+    def _raise(self, code: int, run: _Run) -> None:
         g = self.generated
-        T, B, _ = x.shape
-        args: list[Any] = [T, B] + [sizes[d] for d in g.dims]
-        args += S
-        args += [nodes[nm] for nm in g.dynamic_nodes]
-        args += [np.ascontiguousarray(static[nm]) for nm in g.static_nodes]
-        args += [x]
-        args += [params[nm] for nm in g.matrices]
-        args += [params[nm] for nm in g.vectors]
-        args += [float(params[nm]) for nm in g.scalars]
-        return args
+        if code > 0:
+            sl = g.slots[code - 1]
+            a = run.arrays[sl.code]
+            what = {"x": "x", "param": f"params[{sl.key!r}]", "h0": f"h0[{sl.key!r}]", "loss_V": "loss V",
+                    "loss_y": "loss y", "cot": f"cotangents[{sl.key!r}]"}.get(sl.role, sl.code)
+            assert a is not None
+            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0]) if a.ndim else ()
+            raise NonFiniteError(f"{what} contains a non-finite value ({a[bad]!r} at index {bad})")
+        raise NumericalError(
+            f"cell {self.cell.name!r}: the compiled computation produced a non-finite value from finite inputs "
+            "(overflow: exploding states or gradients); scale the parameters or inputs down")
 
-    def _forward_loop(self, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Mapping[str, np.ndarray],
-                      static: Mapping[str, np.ndarray], node_traj: dict[str, np.ndarray], states: dict[str, np.ndarray],
-                      sizes: Mapping[Dim, int]) -> None:
-        T, B, _ = x.shape
-        S = []
-        for s in self.generated.states:
-            buf = np.empty((T + 1,) + h0[s].shape, dtype=self.dtype)
-            buf[0] = h0[s]
-            S.append(buf)
-        self.module.forward(*self._common_args(params, x, S, node_traj, static, sizes))
-        for s, buf in zip(self.generated.states, S):
-            states[s][...] = buf[1:]
+    # ------------------------------------------------------------------ forward
+    def _forward(self, params: dict[str, np.ndarray], x: np.ndarray, h0: dict[str, np.ndarray], sizes: dict[Dim, int]) -> Trajectory:
+        run = _Run(self, params, x, h0, sizes, store_all=True, loss=None, cots=None, backward=False)
+        run()
+        return self._trajectory(run, x, h0, sizes)
 
-    def _backward_loop(self, params: Mapping[str, np.ndarray], traj: Trajectory, cots: Mapping[str, np.ndarray],
-                       carry: dict[str, np.ndarray], static_adj: dict[str, np.ndarray], lin_adj: dict[str, np.ndarray],
-                       grads: dict[str, np.ndarray], gx: np.ndarray) -> dict[str, np.ndarray]:
+    def _trajectory(self, run: _Run, x: np.ndarray, h0: dict[str, np.ndarray], sizes: Mapping[Dim, int]) -> Trajectory:
         g = self.generated
-        x = traj.x
+        arr = run.arrays
+        states = {s: arr[f"S{k}"][1:] for k, s in enumerate(g.states)}  # type: ignore[index]
+        nodes: dict[str, np.ndarray] = {}
+        dyn: dict[str, np.ndarray] = {}
+        codes = {sl.key: sl.code for sl in g.slots if sl.role in ("node", "static")}
+        for grp in g.groups:
+            buf = arr[f"Y{grp.index}" if grp.static else f"Z{grp.index}"]
+            off = 0
+            for mem, r in zip(grp.members, grp.rows):
+                w = sizes[r]
+                (nodes if grp.static else dyn)[mem] = np.ascontiguousarray(buf[..., off:off + w])  # type: ignore[index]
+                off += w
+        for nm in g.static_nodes:
+            nodes[nm] = arr[codes[nm]]  # type: ignore[assignment]
+        for nm in g.nodes:
+            dyn[nm] = arr[codes[nm]]  # type: ignore[assignment]
+        order = [st.name for st in self._plan if st.kind != "out"]
+        static_names = {st.name for st in self._plan if st.static}
+        out = {nm: nodes[nm] for nm in order if nm in static_names}
+        out.update({nm: dyn[nm] for nm in order if nm not in static_names})
+        return Trajectory(states, out, h0, x, dict(sizes))
+
+    # ------------------------------------------------------------------ BPTT
+    def _gradients(self, run: _Run, sizes: Mapping[Dim, int]) -> Gradients:
+        g = self.generated
+        arr = run.arrays
+        grads: dict[str, np.ndarray] = {}
+        for p in self.cell.params:
+            if p.kind == "matrix":
+                grads[p.name] = np.zeros(tuple(sizes[d] for d in p.shape), dtype=self.dtype)
+        for grp in g.groups:
+            buf = arr[f"GU{grp.index}" if grp.static else f"GW{grp.index}"]
+            off = 0
+            for mat, r in zip(grp.matrices, grp.rows):
+                w = sizes[r]
+                grads[mat] += buf[off:off + w]  # type: ignore[index]
+                off += w
+        for sl in g.slots:
+            if sl.role == "grad":
+                a = arr[sl.code]
+                grads[sl.key] = a.reshape(()).copy() if sl.shape == (1,) else a  # type: ignore[union-attr]
+        grads = {p.name: grads[p.name] for p in self.cell.params}
+        h0 = {s: arr[f"CA{k}"] for k, s in enumerate(g.states)}
+        return Gradients(grads, h0, arr["GX"])  # type: ignore[arg-type]
+
+    def backward(self, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any = None, *, loss: Loss) -> Gradients:
+        """Full BPTT (one compiled call): the loss value and its gradient w.r.t. every parameter, ``h0``, ``x`` and the readout."""
+        params, x, h0d, sizes = self._check(params, x, h0)
+        if not isinstance(loss, (LastMSE, StepMSE)):
+            raise CellSpecError(f"loss must be a symgate loss (symgate.losses.last_mse / step_mse), got {type(loss).__name__}")
         T, B, _ = x.shape
-        dt = self.dtype
-        S = [np.ascontiguousarray(np.concatenate([traj.h0[s][None], traj.states[s]], axis=0)) for s in g.states]
-        args = self._common_args(params, x, S, traj.nodes, {k: traj.nodes[k] for k in g.static_nodes}, traj.sizes)
-        dummy = np.empty((1, 1, 1), dtype=dt)
-        CA = [np.ascontiguousarray(carry[s]) for s in g.states]
-        args += [np.ascontiguousarray(cots[s]) for s in g.states]
-        args += CA + [np.empty_like(c) for c in CA]
-        args += [np.empty((B, traj.nodes[nm].shape[-1]), dtype=dt) for nm in g.dynamic_nodes]
-        args += [lin_adj.get(nm, dummy) for nm in g.dynamic_nodes]
-        args += [static_adj[nm] for nm in g.static_nodes]
-        args += [gx] + [grads[nm] for nm in g.vectors]
-        scal = [np.zeros(1, dtype=dt) for _ in g.scalars]
-        args += scal
-        self.module.backward(*args)
-        for nm, buf in zip(g.scalars, scal):
-            grads[nm][...] += buf[0]
-        return {s: CA[k] for k, s in enumerate(g.states)}
+        loss.check(T, B, sizes[self.cell.states[0].dim], self.dtype)
+        run = _Run(self, params, x, h0d, sizes, store_all=False, loss=loss, cots=None, backward=True)
+        run()
+        out = self._gradients(run, sizes)
+        out.value = self.dtype.type(run.loss_value[0])
+        out.readout = {"V": run.arrays["GV"]}  # type: ignore[dict-item]
+        return out
+
+    def vjp(self, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any, cotangents: Any, *, trajectory: Trajectory | None = None) -> Gradients:
+        """Reverse mode (BPTT): pull per-step state cotangents ``{state: (T, B, d)}`` back to
+        parameters, initial states and inputs.  (The forward pass is recomputed in compiled
+        code; ``trajectory`` is accepted for API compatibility and not read.)"""
+        params, x, h0d, sizes = self._check(params, x, h0)
+        T, B, _ = x.shape
+        cots = self._check_cot(cotangents, sizes, T, B)
+        run = _Run(self, params, x, h0d, sizes, store_all=False, loss=None, cots=cots, backward=True)
+        run()
+        return self._gradients(run, sizes)
+
+    def prepare(self, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any = None, *, loss: Loss) -> "PreparedStep":
+        """Bind arrays once for repeated forward + loss + BPTT calls (a training loop).
+
+        The arrays are checked now (shapes, dtype, layout) and bound *by reference*:
+        update them in place between calls (``W -= lr * g``, ``x[...] = batch``) and each
+        call sees their current contents; NaN/inf are detected on every call.
+        """
+        params_c, x_c, h0d, sizes = self._check(params, x, h0)
+        if not isinstance(loss, (LastMSE, StepMSE)):
+            raise CellSpecError(f"loss must be a symgate loss (symgate.losses.last_mse / step_mse), got {type(loss).__name__}")
+        T, B, _ = x_c.shape
+        loss.check(T, B, sizes[self.cell.states[0].dim], self.dtype)
+        for nm, a in params_c.items():
+            if a is not params[nm] and not (isinstance(params[nm], np.ndarray) and np.shares_memory(a, params[nm])):
+                raise CellSpecError(f"params[{nm!r}] must be a numpy array (prepare binds it by reference)")
+        return PreparedStep(self, _Run(self, params_c, x_c, h0d, sizes, store_all=False, loss=loss, cots=None, backward=True), sizes)
 
     def __repr__(self) -> str:
         return f"<CompiledKernel {self.cell.name!r} {self.dtype}>"
+
+
+class PreparedStep:
+    """Forward + loss + BPTT on bound arrays, one compiled call per ``__call__``.
+
+    ``step()`` returns the loss value; ``step.grads`` (a :class:`~symgate.Gradients`,
+    refreshed by every call, arrays reused) holds the gradients of every parameter,
+    ``h0``, ``x`` and the readout ``V``.
+    """
+
+    def __init__(self, kernel: CompiledKernel, run: _Run, sizes: Mapping[Dim, int]) -> None:
+        self.kernel = kernel
+        self._run = run
+        self._sizes = sizes
+        self._call = kernel.module.run
+        self.grads = kernel._gradients(run, sizes)
+        self.grads.readout = {"V": run.arrays["GV"]}  # type: ignore[dict-item]
+        # matrices that appear in one group only are views of the stacked gradients; others are summed per call
+        seen: dict[str, int] = {}
+        for grp in kernel.generated.groups:
+            for mat in grp.matrices:
+                seen[mat] = seen.get(mat, 0) + 1
+        self._views = all(v == 1 for v in seen.values())
+        if self._views:
+            for grp in kernel.generated.groups:
+                buf = run.arrays[f"GU{grp.index}" if grp.static else f"GW{grp.index}"]
+                off = 0
+                for mat, r in zip(grp.matrices, grp.rows):
+                    w = sizes[r]
+                    self.grads.params[mat] = buf[off:off + w]  # type: ignore[index]
+                    off += w
+        self._scalars = [sl for sl in kernel.generated.slots if sl.role == "grad" and sl.shape == (1,)]
+
+    def __call__(self) -> Any:
+        r = self._run
+        code = self._call(r.ptr, r.iv, r.sz, r.what)
+        if code != 0:
+            self.kernel._raise(code, r)
+        if not self._views:
+            fresh = self.kernel._gradients(r, self._sizes)
+            self.grads.params.update(fresh.params)
+        for sl in self._scalars:
+            self.grads.params[sl.key][...] = r.arrays[sl.code][0]  # type: ignore[index]
+        value = r.loss_value[0]
+        self.grads.value = value
+        return value
+
+    def __repr__(self) -> str:
+        return f"<PreparedStep {self.kernel.cell.name!r} T={self._run.T} B={self._run.B}>"
 
 
 def compile(cell: Cell, dtype: Any = "float64") -> CompiledKernel:  # noqa: A001 - the package's public name

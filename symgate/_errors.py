@@ -16,6 +16,7 @@ __all__ = [
     "ShapeError",
     "DTypeError",
     "NonFiniteError",
+    "NumericalError",
     "VerificationError",
 ]
 
@@ -50,6 +51,10 @@ class DTypeError(SymgateError, TypeError):
 
 class NonFiniteError(SymgateError, ValueError):
     """An input array contains NaN or infinity."""
+
+
+class NumericalError(SymgateError, FloatingPointError):
+    """A computation produced NaN or infinity from finite inputs (overflow)."""
 
 
 class VerificationError(SymgateError, AssertionError):
