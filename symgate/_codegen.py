@@ -836,6 +836,8 @@ from scipy.linalg.cython_blas cimport {gemm}
 
 ctypedef {rt} real
 
+CONTENT_HASH = "(pending)"
+
 cdef extern from *:
     ctypedef {rt}* rp "{rt} * __restrict__"
 
@@ -975,6 +977,7 @@ cdef int _checked(Ctx* c, const long long* sz, int what) noexcept nogil:
     source = header + body
     h = hashlib.sha256(source.encode()).hexdigest()
     source = source.replace("# content hash: (pending)", f"# content hash: {h}")
+    source = source.replace('CONTENT_HASH = "(pending)"', f'CONTENT_HASH = "{h}"')
     return GeneratedSource(source, slots, ints, G.sgroups + G.dgroups, G.dims, G.states, G.nodes, G.static_nodes,
                            G.needed, content_hash=h, extra={"n_inputs": n_inputs, "state_slots": state_idx})
 

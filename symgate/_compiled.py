@@ -12,10 +12,12 @@ single compiled call on the *current contents* of the bound arrays.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Mapping
 
 import numpy as np
 
+from ._aot import load as load_aot
 from ._build import build_module
 from ._cell import Cell, Dim
 from ._codegen import BACKWARD, FORWARD, LOSS_LAST, LOSS_STEP, GeneratedSource, Slot, generate
@@ -32,7 +34,7 @@ class _Run:
 
     def __init__(self, k: "CompiledKernel", params: Mapping[str, np.ndarray], x: np.ndarray, h0: Mapping[str, np.ndarray],
                  sizes: Mapping[Dim, int], *, store_all: bool, loss: Loss | None, cots: Mapping[str, np.ndarray] | None,
-                 backward: bool) -> None:
+                 backward: bool, pool: dict[Any, np.ndarray] | None = None) -> None:
         g = k.generated
         dt = k.dtype
         T, B, _ = x.shape
@@ -62,6 +64,17 @@ class _Run:
 
         arrays: dict[str, np.ndarray | None] = {}
         check: dict[str, bool] = {}
+        results = {"grad_x", "grad_V", "carry", "grad_stack", "grad"}
+
+        def empty(sl: Slot, shp: tuple[int, ...]) -> np.ndarray:
+            # workspace arrays (never returned to the caller) are reused between calls
+            if pool is None or sl.role in results:
+                return np.empty(shp, dtype=dt)
+            key = (sl.code, shp)
+            if key not in pool:
+                pool[key] = np.empty(shp, dtype=dt)
+            return pool[key]
+
         bwd_roles = {"carry", "carry2", "adj", "static_adj", "static_group_adj", "group_adj", "grad_stack", "grad_x", "grad"}
         for sl in g.slots:
             a: np.ndarray | None
@@ -80,30 +93,29 @@ class _Run:
                 if cots is not None:
                     a, chk = cots[sl.key], True
                 elif step and sl.key == g.states[0]:
-                    a = np.empty((T, B, sizes[k.cell.states[0].dim]), dtype=dt)
+                    a = empty(sl, (T, B, sizes[k.cell.states[0].dim]))
                 else:
                     a = None
             elif sl.role == "node":
                 full = store_all or sl.key in needed
-                a = np.empty(shape(sl) if full else (B, sizes[sl.shape[-1]]), dtype=dt)
+                a = empty(sl, shape(sl) if full else (B, sizes[sl.shape[-1]]))
             elif sl.role == "group":
-                a = np.empty(shape(sl) if group_stored[sl.key.index] else shape(sl)[1:], dtype=dt)
+                a = empty(sl, shape(sl) if group_stored[sl.key.index] else shape(sl)[1:])
             elif sl.role in bwd_roles:
-                a = np.empty(shape(sl), dtype=dt) if backward else None
+                a = empty(sl, shape(sl)) if backward else None
             elif sl.role == "grad_V":
-                a = np.empty(shape(sl), dtype=dt) if loss is not None else None
+                a = empty(sl, shape(sl)) if loss is not None else None
             elif sl.role == "loss_res":
-                a = (np.empty((T, B, o) if step else (B, o), dtype=dt)) if loss is not None else None
+                a = empty(sl, (T, B, o) if step else (B, o)) if loss is not None else None
             else:  # state, static, stack, stack_t, static_group
-                a = np.empty(shape(sl), dtype=dt)
+                a = empty(sl, shape(sl))
             arrays[sl.code] = a
             check[sl.code] = chk
         self.arrays = arrays
         self.loss_value = np.zeros(1, dtype=np.float64)
         ptr = [0 if a is None else a.__array_interface__["data"][0] for a in arrays.values()]
         ptr.append(self.loss_value.__array_interface__["data"][0])
-        self.ptr = np.array(ptr, dtype=np.int64).astype(np.longlong)
-        results = {"grad_x", "grad_V", "carry", "grad_stack", "grad"}
+        self.ptr = np.array(ptr, dtype=np.longlong)
         self.sz = np.array([(a.size if a is not None and (check[sl.code] or sl.role in results) else 0)
                             for sl, a in zip(g.slots, arrays.values())], dtype=np.longlong)
         iv: list[int] = []
@@ -144,7 +156,19 @@ class CompiledKernel(ReferenceKernel):
         if self.dtype not in (np.dtype("float32"), np.dtype("float64")):
             raise CellSpecError(f"compiled kernels are float32 or float64, not {self.dtype}")
         self.generated: GeneratedSource = generate(cell, self.dtype)
-        self.module = build_module(self.generated.source, extra=(self.dtype.str,))
+        module = load_aot(self.generated.content_hash)
+        #: where the compiled module came from: "ahead-of-time" (built at install) or "cache"
+        self.origin = "ahead-of-time" if module is not None else "cache"
+        self.module = module if module is not None else build_module(self.generated.source, extra=(self.dtype.str,))
+        self._pools = threading.local()  # per-thread workspace arrays of minimal (BPTT) runs
+
+    def _pool(self) -> dict[Any, np.ndarray]:
+        pool = getattr(self._pools, "arrays", None)
+        if pool is None:
+            pool = self._pools.arrays = {}
+        if len(pool) > 256:  # many different shapes: start over rather than grow without bound
+            pool.clear()
+        return pool
 
     @property
     def source(self) -> str:
@@ -226,7 +250,7 @@ class CompiledKernel(ReferenceKernel):
             raise CellSpecError(f"loss must be a symgate loss (symgate.losses.last_mse / step_mse), got {type(loss).__name__}")
         T, B, _ = x.shape
         loss.check(T, B, sizes[self.cell.states[0].dim], self.dtype)
-        run = _Run(self, params, x, h0d, sizes, store_all=False, loss=loss, cots=None, backward=True)
+        run = _Run(self, params, x, h0d, sizes, store_all=False, loss=loss, cots=None, backward=True, pool=self._pool())
         run()
         out = self._gradients(run, sizes)
         out.value = self.dtype.type(run.loss_value[0])
@@ -240,7 +264,7 @@ class CompiledKernel(ReferenceKernel):
         params, x, h0d, sizes = self._check(params, x, h0)
         T, B, _ = x.shape
         cots = self._check_cot(cotangents, sizes, T, B)
-        run = _Run(self, params, x, h0d, sizes, store_all=False, loss=None, cots=cots, backward=True)
+        run = _Run(self, params, x, h0d, sizes, store_all=False, loss=None, cots=cots, backward=True, pool=self._pool())
         run()
         return self._gradients(run, sizes)
 
