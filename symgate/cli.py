@@ -105,18 +105,21 @@ def _cmd_derive(args: argparse.Namespace) -> int:
     return 0
 
 
-_COLUMNS = ("jacobian", "bptt_cs", "bptt_fd", "adjoint", "mpmath", "float32")
+_COLUMNS = ("jacobian", "bptt_cs", "bptt_fd", "adjoint", "mpmath", "float32", "batch", "compiled")
 
 
 def _table(rows: list[tuple[str, dict, bool]]) -> str:
-    head = f"{'cell':14s} " + " ".join(f"{c:>10s}" for c in _COLUMNS) + "  result"
+    head = f"{'cell':24s} " + " ".join(f"{c:>10s}" for c in _COLUMNS) + "  result"
     lines = [head, "-" * len(head)]
     for name, worst, ok in rows:
         cells = " ".join(f"{worst[c].error:10.1e}" if c in worst else f"{'-':>10s}" for c in _COLUMNS)
-        lines.append(f"{name:14s} {cells}  {'pass' if ok else 'FAIL'}")
-    tol = rows[0][1] if rows else {}
+        lines.append(f"{name:24s} {cells}  {'pass' if ok else 'FAIL'}")
+    tol: dict = {}
+    for _, worst, _ in rows:
+        for c, r in worst.items():
+            tol.setdefault(c, r)
     if tol:
-        lines.append("tolerance      " + " ".join(f"{tol[c].tolerance:10.1e}" if c in tol else f"{'-':>10s}" for c in _COLUMNS)
+        lines.append(f"{'tolerance':24s} " + " ".join(f"{tol[c].tolerance:10.1e}" if c in tol else f"{'-':>10s}" for c in _COLUMNS)
                      + "  (float64 unless noted; bptt_cs/adjoint/float32 scale with T)")
     return "\n".join(lines)
 
@@ -144,13 +147,13 @@ def _print_mu_table(cells: Sequence[Cell], seed: int) -> None:
         print(f"{c.name:14s} {mu.param:6s} {mu.state:5s} " + " ".join(f"{means[l]:9.2e}" for l in lags) + f"  {spread}")
 
 
-def _verify_rows(cells: Sequence[Cell], examples: int, seed: int) -> tuple[list[tuple[str, dict, bool]], bool]:
+def _verify_rows(cells: Sequence[Cell], examples: int, seed: int, backend: str) -> tuple[list[tuple[str, dict, bool]], bool]:
     from .testing import verify
 
     rows, all_ok = [], True
     for c in cells:
-        rep = verify(c, examples=examples, seed=seed, raise_on_failure=False)
-        rows.append((c.name, rep.worst, rep.passed))
+        rep = verify(c, examples=examples, seed=seed, raise_on_failure=False, backend=backend)
+        rows.append((f"{c.name} [{'compiled' if backend == 'compiled' else 'numpy'}]", rep.worst, rep.passed))
         all_ok &= rep.passed
         if not rep.passed:
             print(rep.summary(), file=sys.stderr)
@@ -159,7 +162,7 @@ def _verify_rows(cells: Sequence[Cell], examples: int, seed: int) -> tuple[list[
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     c = load_cell(args.cell)
-    rows, ok = _verify_rows([c], args.examples, args.seed)
+    rows, ok = _verify_rows([c], args.examples, args.seed, args.backend)
     print(_table(rows))
     return 0 if ok else 1
 
@@ -195,19 +198,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print()
     _print_mu_table(cells, args.seed)
     print()
-    print(f"== verification battery ({args.examples} random problems per cell; worst error per oracle)")
-    rows, ok = _verify_rows(cells, args.examples, args.seed)
+    print(f"== verification battery on the compiled kernels ({args.examples} random problems per cell; worst error per oracle)")
+    rows, ok = _verify_rows(cells, args.examples, args.seed, "compiled")
     from .testing import build_random_cell, random_cell_pool
 
-    pool = [build_random_cell(r) for r in random_cell_pool(args.random_cells, seed=args.seed)] if args.random_cells else []
-    if pool:
-        prow, pok = _verify_rows(pool, 1, args.seed)
+    pool = [build_random_cell(r) for r in random_cell_pool(max(args.random_cells, args.compiled_random), seed=args.seed)]
+    for label, part, backend in ((f"{args.compiled_random} random [compiled]", pool[:args.compiled_random], "compiled"),
+                                 (f"{args.random_cells} random [numpy]", pool[:args.random_cells], "reference")):
+        if not part:
+            continue
+        if backend == "compiled":
+            print(f"(compiling {len(part)} random cells' kernels on first use; cached afterwards)", flush=True)
+        prow, pok = _verify_rows(part, 1, args.seed, backend)
         worst: dict = {}
         for _, w, _ in prow:
             for k, v in w.items():
                 if k not in worst or v.ratio > worst[k].ratio:
                     worst[k] = v
-        rows.append((f"{len(pool)} random", worst, pok))
+        rows.append((label, worst, pok))
         ok &= pok
     print(_table(rows))
     print(f"\n{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - t1:.1f} s")
@@ -230,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("cell")
     v.add_argument("--examples", type=int, default=4)
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--backend", choices=["compiled", "reference"], default="compiled",
+                   help="check the compiled kernels (default; compiled on first use) or the numpy reference")
     v.set_defaults(func=_cmd_verify)
     g = sub.add_parser("codegen", help="write the generated Cython kernel source of a cell")
     g.add_argument("cell")
@@ -238,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.set_defaults(func=_cmd_codegen)
     m = sub.add_parser("demo", help="derive and verify every built-in cell (and a pool of random cells)")
     m.add_argument("--examples", type=int, default=3)
-    m.add_argument("--random-cells", type=int, default=50)
+    m.add_argument("--random-cells", type=int, default=50, help="random cells checked on the numpy reference")
+    m.add_argument("--compiled-random", type=int, default=2, help="random cells also compiled and checked")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_cmd_demo)
     args = ap.parse_args(argv)

@@ -93,7 +93,7 @@ def test_codegen_writes_readable_source(tmp_path: Path, capsys: pytest.CaptureFi
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["gru_float32.pyx", "gru_float64.pyx"]
     src = (tmp_path / "out" / "gru_float64.pyx").read_text()
-    assert src.startswith("# cython:") and "def forward(" in src and "def backward(" in src
+    assert src.startswith("# cython:") and "cdef void forward(" in src and "cdef void backward(" in src and "def run(" in src
     assert "[reset    ]" in src  # the derived Jacobian in the header
 
 

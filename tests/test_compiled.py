@@ -138,3 +138,114 @@ def test_loading_kernels_keeps_subnormals() -> None:
     k.forward(prob.params, prob.x, prob.h0)
     tiny = np.array([1e-310])
     assert (tiny * 1.0)[0] == 1e-310 and (tiny / 2)[0] > 0
+
+
+# ----------------------------------------------------------------------------- prepared steps
+
+
+def _vg_problem(dtype: str = "float64", n: int = 6, m: int = 3, B: int = 4, T: int = 7):  # type: ignore[no-untyped-def]
+    cell = cached_builtin("vector_gate")
+    prob = draw_problem(cell, 9, n=n, m=m, B=B, T=T)
+    c = lambda a: np.array(a, dtype=dtype)  # noqa: E731
+    p = {q: c(v) for q, v in prob.params.items()}
+    return cell, prob, p, c(prob.x), c(prob.h0["h"]), c(prob.V), c(prob.y_last)
+
+
+def test_prepared_step_equals_backward_and_sees_in_place_updates() -> None:
+    cell, prob, p, x, h0, V, y = _vg_problem()
+    k = sg.compile(cell, "float64")
+    loss = sg.losses.last_mse(V, y)
+    step = k.prepare(p, x, h0, loss=loss)
+    for it in range(3):
+        value = step()
+        g = k.backward(p, x, h0, loss=loss)
+        assert value == g.value  # same program, same operations: bit-identical
+        for q in p:
+            np.testing.assert_array_equal(step.grads.params[q], g.params[q])
+        np.testing.assert_array_equal(step.grads.x, g.x)
+        np.testing.assert_array_equal(step.grads.h0["h"], g.h0["h"])
+        np.testing.assert_array_equal(step.grads.readout["V"], g.readout["V"])
+        for q in p:  # an SGD step in place, and a fresh batch in place
+            p[q] -= 0.1 * step.grads.params[q]
+        x[...] = np.random.default_rng(it).standard_normal(x.shape)
+
+
+def test_prepared_step_rejects_nan_bound_later_naming_the_array() -> None:
+    cell, prob, p, x, h0, V, y = _vg_problem()
+    step = sg.compile(cell, "float64").prepare(p, x, h0, loss=sg.losses.last_mse(V, y))
+    step()
+    x[2, 1, 0] = np.nan
+    with pytest.raises(sg.NonFiniteError, match=r"^x contains a non-finite value .* at index \(2, 1, 0\)"):
+        step()
+    x[2, 1, 0] = 0.0
+    p["Wg"][0, 1] = np.inf
+    with pytest.raises(sg.NonFiniteError, match=r"params\['Wg'\]"):
+        step()
+
+
+def test_prepare_checks_arguments_once() -> None:
+    cell, prob, p, x, h0, V, y = _vg_problem()
+    k = sg.compile(cell, "float64")
+    with pytest.raises(sg.DTypeError, match="dtype float32"):
+        k.prepare(p, x.astype(np.float32), h0, loss=sg.losses.last_mse(V, y))
+    with pytest.raises(sg.ShapeError, match="loss y"):
+        k.prepare(p, x, h0, loss=sg.losses.last_mse(V, y[:2]))
+    with pytest.raises(sg.CellSpecError, match="symgate loss"):
+        k.prepare(p, x, h0, loss=object())  # type: ignore[arg-type]
+
+
+def test_overflow_from_finite_inputs_is_an_error_not_a_silent_answer() -> None:
+    @sg.cell
+    def explosive(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"), U: sg.Matrix("n", "m")):
+        return h * sg.exp(W @ h + U @ x) + 1
+
+    k = sg.compile(explosive, "float64")
+    rng = np.random.default_rng(0)
+    p = {"W": np.full((3, 3), 5.0), "U": rng.standard_normal((3, 2))}
+    x = rng.standard_normal((40, 2, 2))
+    with pytest.raises(sg.NumericalError, match="explosive.*non-finite"):
+        k.forward(p, x, np.ones((2, 3)))
+    with pytest.raises(sg.NumericalError):
+        k.backward(p, x, np.ones((2, 3)), loss=sg.losses.last_mse(np.ones((1, 3)), np.zeros((2, 1))))
+
+
+def test_float32_prepared_step_agrees_with_float64() -> None:
+    cell, prob, p, x, h0, V, y = _vg_problem("float32")
+    s32 = sg.compile(cell, "float32").prepare(p, x, h0, loss=sg.losses.last_mse(V, y))
+    up = lambda a: a.astype(np.float64)  # noqa: E731
+    g64 = sg.compile(cell, "float64").backward({q: up(v) for q, v in p.items()}, up(x), up(h0), loss=sg.losses.last_mse(up(V), up(y)))
+    s32()
+    scale = max(float(np.max(np.abs(v))) for v in g64.params.values())
+    for q in p:  # float32 rounding accumulated over T steps (the battery's float32 tolerance)
+        assert np.max(np.abs(s32.grads.params[q] - g64.params[q])) <= 64 * (prob.T + 1) * EPS32 * scale
+
+
+def test_builtin_kernels_are_compiled_ahead_of_time() -> None:
+    """`pip install` built every built-in cell's kernel in both dtypes; they load without a compiler."""
+    from symgate._aot import builtin_sources, load
+    from symgate._codegen import generate
+
+    assert len(builtin_sources()) == 2 * len(sg.cells.BUILTIN)
+    for name in sorted(sg.cells.BUILTIN):
+        for dt in ("float64", "float32"):
+            h = generate(cached_builtin(name), dt).content_hash
+            assert load(h) is not None, f"no ahead-of-time kernel for {name} {dt} (was the package installed with `pip install`?)"
+            assert sg.compile(cached_builtin(name), dt).origin == "ahead-of-time"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL)
+def test_battery_on_compiled_builtin_kernels(name: str) -> None:
+    sg.testing.verify(cached_builtin(name), examples=2, seed=5, backend="compiled")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(POOL)))
+def test_battery_on_compiled_random_cells(index: int) -> None:
+    sg.testing.verify(cached_random(POOL[index]), examples=1, seed=index, backend="compiled")
+
+
+def test_battery_checks_compiled_backend_fast() -> None:
+    rep = sg.testing.verify(cached_builtin("scalar_gate"), examples=1, backend="compiled",
+                            checks=["compiled", "batch", "bptt_cs", "adjoint", "float32"])
+    assert rep.passed and {r.check for r in rep.results} == {"compiled", "batch", "bptt_cs", "adjoint", "float32"}

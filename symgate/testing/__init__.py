@@ -2,7 +2,8 @@
 
 * :func:`verify` runs the whole battery (Jacobians vs finite differences, BPTT vs
   complex step and finite differences, adjoint test, mpmath partials, float32 vs
-  float64) and returns a report; it needs only numpy, sympy and mpmath.
+  float64, batch of B vs B batches of one; with ``backend="compiled"`` on the
+  compiled kernels, plus compiled == numpy reference) and returns a report.
 * :func:`register` adds a cell to the registry that ``tests/test_battery.py`` (and
   your own suite, via :func:`battery_test_class`) parametrises over.
 * Hypothesis strategies (``cells``, ``random_cells``, ``problems``, ...) are
@@ -52,22 +53,27 @@ def registered_cells() -> dict[str, Cell]:
     return dict(_REGISTRY)
 
 
-def battery_test_class(cell: Cell, *, examples: int = 3, seed: int = 0) -> type:
+def battery_test_class(cell: Cell, *, examples: int = 3, seed: int = 0, backend: str = "reference") -> type:
     """A pytest test class with one test per battery check for ``cell``.
+
+    ``backend="compiled"`` checks the cell's compiled kernels (and adds the
+    compiled == reference check).
 
     >>> import symgate as sg
     >>> TestLeaky = sg.testing.battery_test_class(sg.cells.leaky())   # in a test module
     """
+    from ._battery import COMPILED_CHECKS
     from ._battery import draw_problem as _draw
 
     def make(check: str) -> Any:
         def test(self: Any) -> None:
-            verify(cell, checks=[check], problems=[_draw(cell, seed * 1_000_003 + i) for i in range(examples)])
+            verify(cell, checks=[check], problems=[_draw(cell, seed * 1_000_003 + i) for i in range(examples)], backend=backend)
 
         test.__name__ = f"test_{check}"
         return test
 
-    return type(f"Test_{cell.name}", (), {f"test_{c}": make(c) for c in CHECKS})
+    names = list(CHECKS) + (list(COMPILED_CHECKS) if backend == "compiled" else [])
+    return type(f"Test_{cell.name}", (), {f"test_{c}": make(c) for c in names})
 
 
 def __getattr__(name: str) -> Any:

@@ -244,6 +244,17 @@ def _kernels(cell: Cell) -> tuple[ReferenceKernel, ReferenceKernel, ReferenceKer
     return reference_kernel(cell, "float64"), reference_kernel(cell, "complex128"), reference_kernel(cell, "float32")
 
 
+def _kernel(cell: Cell, dtype: str, backend: str) -> ReferenceKernel:
+    """The kernel a check runs: numpy reference, or compiled (complex128 is reference-only)."""
+    if backend == "compiled" and dtype != "complex128":
+        from .._compiled import compile as _compile
+
+        return _compile(cell, dtype)
+    if backend not in ("reference", "compiled"):
+        raise ValueError(f"backend must be 'reference' or 'compiled', got {backend!r}")
+    return reference_kernel(cell, dtype)
+
+
 def _flat_states(cell: Cell, st: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([st[s.name] for s in cell.states], axis=-1)
 
@@ -270,9 +281,9 @@ def _fd_step(v: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 
-def check_jacobian(prob: Problem) -> CheckResult:
+def check_jacobian(prob: Problem, backend: str = "reference") -> CheckResult:
     """Structured state and parameter Jacobians (lambdified) vs central differences of one step."""
-    cell, k = prob.cell, reference_kernel(prob.cell, "float64")
+    cell, k = prob.cell, _kernel(prob.cell, "float64", backend)
     x1 = np.ascontiguousarray(prob.x[:1])
 
     def step(params: Mapping[str, np.ndarray], h0: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -323,9 +334,10 @@ def _directional(g: Any, dp: Mapping[str, np.ndarray], dh: Mapping[str, np.ndarr
     return float(sum(np.sum(p) for p in parts)), float(sum(np.sum(np.abs(p)) for p in parts))
 
 
-def check_bptt_complex_step(prob: Problem, loss: str = "last") -> CheckResult:
-    """BPTT gradient vs the complex-step derivative of the loss along a random direction."""
-    k, kc = reference_kernel(prob.cell, "float64"), reference_kernel(prob.cell, "complex128")
+def check_bptt_complex_step(prob: Problem, loss: str = "last", backend: str = "reference") -> CheckResult:
+    """BPTT gradient vs the complex-step derivative of the loss along a random direction
+    (the complex forward pass is always the numpy reference's)."""
+    k, kc = _kernel(prob.cell, "float64", backend), reference_kernel(prob.cell, "complex128")
     rng = np.random.default_rng(abs(prob.seed) + 17)
     dp, dh, dx = _direction(prob, rng)
     g = k.backward(prob.params, prob.x, prob.h0, loss=prob.loss(loss))
@@ -340,9 +352,9 @@ def check_bptt_complex_step(prob: Problem, loss: str = "last") -> CheckResult:
     return CheckResult("bptt_cs", err, C_ROUND * (prob.T + 1) * EPS64, f"{loss}-state loss; {prob.describe()}")
 
 
-def check_bptt_finite_difference(prob: Problem, loss: str = "last") -> CheckResult:
+def check_bptt_finite_difference(prob: Problem, loss: str = "last", backend: str = "reference") -> CheckResult:
     """BPTT gradient vs central differences of the loss along a random direction."""
-    k = reference_kernel(prob.cell, "float64")
+    k = _kernel(prob.cell, "float64", backend)
     rng = np.random.default_rng(abs(prob.seed) + 29)
     dp, dh, dx = _direction(prob, rng)
     L = prob.loss(loss)
@@ -362,9 +374,9 @@ def check_bptt_finite_difference(prob: Problem, loss: str = "last") -> CheckResu
     return CheckResult("bptt_fd", err, TOL_FD, f"{loss}-state loss; {prob.describe()}")
 
 
-def check_adjoint(prob: Problem) -> CheckResult:
+def check_adjoint(prob: Problem, backend: str = "reference") -> CheckResult:
     """Dot-product test between forward mode (JVP) and reverse mode (BPTT/VJP)."""
-    k = reference_kernel(prob.cell, "float64")
+    k = _kernel(prob.cell, "float64", backend)
     rng = np.random.default_rng(abs(prob.seed) + 41)
     dp, dh, dx = _direction(prob, rng)
     cot = {s.name: rng.standard_normal((prob.T, prob.B, prob.sizes[s.dim])) for s in prob.cell.states}
@@ -380,12 +392,12 @@ def check_adjoint(prob: Problem) -> CheckResult:
     return CheckResult("adjoint", abs(lhs - rhs) / scale, C_ROUND * (prob.T + 1) * EPS64, prob.describe())
 
 
-def check_mpmath(prob: Problem, points: int = 2) -> CheckResult:
+def check_mpmath(prob: Problem, points: int = 2, backend: str = "reference") -> CheckResult:
     """Each local partial, in float64 from forward values, vs mpmath 50-digit numerical differentiation."""
     import mpmath
 
     cell = prob.cell
-    k = reference_kernel(cell, "float64")
+    k = _kernel(cell, "float64", backend)
     vals = k.step_values(prob.params, prob.x[0], prob.h0)
     lp = local_partials(cell)
     rng = np.random.default_rng(abs(prob.seed) + 53)
@@ -425,10 +437,10 @@ def check_mpmath(prob: Problem, points: int = 2) -> CheckResult:
     return CheckResult("mpmath", worst, C_ROUND * EPS64, f"worst at {where}; {prob.describe()}")
 
 
-def check_float32(prob: Problem) -> CheckResult:
+def check_float32(prob: Problem, backend: str = "reference") -> CheckResult:
     """float32 kernels vs float64 kernels on the same float32-representable problem."""
     cell = prob.cell
-    k64, k32 = reference_kernel(cell, "float64"), reference_kernel(cell, "float32")
+    k64, k32 = _kernel(cell, "float64", backend), _kernel(cell, "float32", backend)
     f32 = lambda a: np.array(a, dtype=np.float32)  # noqa: E731  (np.array keeps 0-d arrays 0-d)
     p32 = {n: f32(v) for n, v in prob.params.items()}
     h32 = {n: f32(v) for n, v in prob.h0.items()}
@@ -453,14 +465,87 @@ def check_float32(prob: Problem) -> CheckResult:
     return CheckResult("float32", worst, C_ROUND * (prob.T + 1) * EPS32, f"worst at {where}; {prob.describe()}")
 
 
-CHECKS: dict[str, Callable[[Problem], CheckResult]] = {
+def _rel(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.max(np.abs(a - ref))) / max(1.0, float(np.max(np.abs(ref))))
+
+
+def check_compiled(prob: Problem, backend: str = "compiled") -> CheckResult:
+    """Compiled kernel vs numpy reference, float64: forward states and nodes; loss value and the
+    gradients of every parameter, ``h0``, ``x`` and the readout, for both losses.
+
+    Same operations in another order (BLAS and C vs numpy): a few ulps per operation,
+    accumulated over the steps, hence ``C_ROUND * (T+1) * eps`` relative to each quantity's
+    largest magnitude (at least 1)."""
+    cell = prob.cell
+    k, r = _kernel(cell, "float64", "compiled"), reference_kernel(cell, "float64")
+    worst, where = 0.0, ""
+    fk, fr = k.forward(prob.params, prob.x, prob.h0), r.forward(prob.params, prob.x, prob.h0)
+    pairs = [(f"state {s}", fk.states[s], fr.states[s]) for s in cell.state_names]
+    pairs += [(f"node {n}", fk.nodes[n], fr.nodes[n]) for n in fr.nodes]
+    for loss in ("last", "step"):
+        gk = k.backward(prob.params, prob.x, prob.h0, loss=prob.loss(loss))
+        gr = r.backward(prob.params, prob.x, prob.h0, loss=prob.loss(loss))
+        pairs.append((f"{loss} loss value", np.asarray(gk.value), np.asarray(gr.value)))
+        pairs += [(f"{loss} loss d/d{n}", gk.params[n], gr.params[n]) for n in gr.params]
+        pairs += [(f"{loss} loss d/dh0[{s}]", gk.h0[s], gr.h0[s]) for s in gr.h0]
+        pairs += [(f"{loss} loss d/dx", gk.x, gr.x), (f"{loss} loss d/dV", gk.readout["V"], gr.readout["V"])]
+    for name, a, b in pairs:
+        e = _rel(a, b)
+        if e > worst:
+            worst, where = e, name
+    return CheckResult("compiled", worst, C_ROUND * (prob.T + 1) * EPS64, f"worst at {where}; {prob.describe()}")
+
+
+def check_batch(prob: Problem, backend: str = "reference") -> CheckResult:
+    """Batch of B vs B batches of one: the same states, and gradients that average.
+
+    The last-state loss is a mean over the batch, so the batch gradient is the mean of the
+    single-sequence gradients; tolerance ``C_ROUND * (T+1) * eps`` as for reordered sums."""
+    cell = prob.cell
+    k = _kernel(cell, "float64", backend)
+    full_t = k.forward(prob.params, prob.x, prob.h0)
+    full_g = k.backward(prob.params, prob.x, prob.h0, loss=prob.loss("last"))
+    V, y = prob.V, prob.y_last
+    worst, where = 0.0, ""
+    acc = {n: np.zeros_like(v) for n, v in full_g.params.items()}
+    for b in range(prob.B):
+        xb = np.ascontiguousarray(prob.x[:, b:b + 1])
+        hb = {s: np.ascontiguousarray(v[b:b + 1]) for s, v in prob.h0.items()}
+        tb = k.forward(prob.params, xb, hb)
+        for s in cell.state_names:
+            e = _rel(tb.states[s][:, 0], full_t.states[s][:, b])
+            if e > worst:
+                worst, where = e, f"state {s}, sequence {b}"
+        gb = k.backward(prob.params, xb, hb, loss=LastMSE(V, np.ascontiguousarray(y[b:b + 1])))
+        for n in acc:
+            acc[n] += gb.params[n] / prob.B
+        for s in cell.state_names:
+            e = _rel(gb.h0[s][0] / prob.B, full_g.h0[s][b])
+            if e > worst:
+                worst, where = e, f"d/dh0[{s}], sequence {b}"
+    for n in acc:
+        e = _rel(acc[n], full_g.params[n])
+        if e > worst:
+            worst, where = e, f"mean gradient d/d{n}"
+    return CheckResult("batch", worst, C_ROUND * (prob.T + 1) * EPS64, f"worst at {where}; {prob.describe()}")
+
+
+def _both_losses(check: Callable[..., CheckResult]) -> Callable[[Problem, str], CheckResult]:
+    return lambda p, backend="reference": max((check(p, "last", backend), check(p, "step", backend)), key=lambda r: r.ratio)
+
+
+CHECKS: dict[str, Callable[..., CheckResult]] = {
     "jacobian": check_jacobian,
-    "bptt_cs": lambda p: max((check_bptt_complex_step(p, "last"), check_bptt_complex_step(p, "step")), key=lambda r: r.ratio),
-    "bptt_fd": lambda p: max((check_bptt_finite_difference(p, "last"), check_bptt_finite_difference(p, "step")), key=lambda r: r.ratio),
+    "bptt_cs": _both_losses(check_bptt_complex_step),
+    "bptt_fd": _both_losses(check_bptt_finite_difference),
     "adjoint": check_adjoint,
     "mpmath": check_mpmath,
     "float32": check_float32,
+    "batch": check_batch,
 }
+
+#: checks that only exist for compiled kernels
+COMPILED_CHECKS: dict[str, Callable[..., CheckResult]] = {"compiled": check_compiled}
 
 
 def verify(
@@ -471,8 +556,13 @@ def verify(
     checks: Iterable[str] | None = None,
     raise_on_failure: bool = True,
     problems: Iterable[Problem] | None = None,
+    backend: str = "reference",
 ) -> VerificationReport:
     """Run the verification battery on ``cell`` and return a :class:`VerificationReport`.
+
+    ``backend="compiled"`` runs the checks on the cell's compiled kernels (generated and
+    compiled on first use) and adds the ``compiled`` check (compiled == numpy reference);
+    the complex-step forward pass is always the numpy reference's.
 
     ``examples`` random problems are drawn from ``seed`` (or pass ``problems``).
     With ``raise_on_failure`` (the default) a failed check raises
@@ -483,16 +573,19 @@ def verify(
     >>> sg.testing.verify(sg.cells.leaky(), examples=1).passed
     True
     """
-    names = list(CHECKS) if checks is None else list(checks)
-    unknown = [c for c in names if c not in CHECKS]
+    if backend not in ("reference", "compiled"):
+        raise ValueError(f"backend must be 'reference' or 'compiled', got {backend!r}")
+    table = dict(CHECKS, **COMPILED_CHECKS) if backend == "compiled" else CHECKS
+    names = list(table) if checks is None else list(checks)
+    unknown = [c for c in names if c not in table]
     if unknown:
-        raise ValueError(f"unknown check(s) {unknown}; available: {list(CHECKS)}")
+        raise ValueError(f"unknown check(s) {unknown} for backend {backend!r}; available: {list(table)}")
     report = VerificationReport(cell.name)
     if problems is None:
         problems = [draw_problem(cell, seed * 1_000_003 + i) for i in range(examples)]
     for prob in problems:
         for c in names:
-            report.results.append(CHECKS[c](prob))
+            report.results.append(table[c](prob, backend=backend))
     if raise_on_failure:
         report.raise_if_failed()
     return report
