@@ -39,8 +39,15 @@ def _ext_modules() -> list:
 
     out_dir = os.path.join(HERE, "build", "symgate-aot")
     os.makedirs(out_dir, exist_ok=True)
+    sources = builtin_sources()
+    # in-place (editable) builds: drop modules of an older generator (they would never be loaded)
+    current = {name.rsplit(".", 1)[1] for name, _ in sources}
+    kdir = os.path.join(HERE, "symgate", "_kernels")
+    for f in os.listdir(kdir):
+        if f.startswith("k_") and f.split(".", 1)[0] not in current:
+            os.remove(os.path.join(kdir, f))
     exts = []
-    for name, source in builtin_sources():
+    for name, source in sources:
         pyx = os.path.join(out_dir, name.rsplit(".", 1)[1] + ".pyx")
         old = open(pyx).read() if os.path.exists(pyx) else None
         if old != source:  # keep timestamps of unchanged sources: no needless rebuilds

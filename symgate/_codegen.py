@@ -51,7 +51,7 @@ __all__ = ["KernelPrinter", "generate", "GeneratedSource", "Slot", "Group"]
 _EXPAND_POW = [create_expand_pow_optimization(4)]
 
 #: ``run`` flags (the ``what`` argument of the generated module's ``run``)
-FORWARD, LOSS_LAST, LOSS_STEP, BACKWARD = 1, 2, 4, 8
+FORWARD, LOSS_LAST, LOSS_STEP, BACKWARD, JVP = 1, 2, 4, 8, 16
 
 #: tiny matrix products (fewer multiply-adds than this, or one row) use plain loops, not BLAS
 SMALL_GEMM = 24576
@@ -545,6 +545,80 @@ class _Gen:
         return src, self._call(name, fn, "T*B" if static else "B")
 
 
+    # ------------------------------------------------------------------ JVP
+    def tangent_access(self, nm: str, fn: _Fn, ctx: str, locals_: dict[str, str]) -> str | None:
+        """Code reading the tangent of ``nm`` at row ``b``, unit ``i`` (None: a constant, tangent 0)."""
+        if nm in locals_:
+            return locals_[nm]
+        d = self.dim_of[nm]
+        D, cD = self.D[d], self.cD(d)
+        kind = self.kind_of.get(nm)
+        tB = "" if ctx == "static" else " + t*B*"
+        if kind == "constant":
+            return None
+        if kind == "vector":
+            return f"{fn.ptr('T' + self.P[nm], 'c.T' + self.P[nm])}[{'i' if d != 1 else '0'}]"
+        if kind == "scalar":
+            return fn.val("T" + self.p[nm], f"c.T{self.p[nm]}[0]")
+        if kind == "input":
+            return self.at(fn.ptr("TX", "c.TX" + (tB + cD if tB else "")), D, "0", d)
+        if kind == "state":
+            k = self.states.index(nm)
+            return self.at(fn.ptr(f"TS{k}", f"c.TS{k} + t*B*{cD}"), D, "0", d)
+        if nm in self.group_of:
+            g, off = self.group_of[nm]
+            R = self.R(g)
+            if g.static:
+                return self.at(fn.ptr(f"TY{g.index}", f"c.TY{g.index}" + (tB + "c." + R if tB else "")), R, off, d)
+            return self.at(fn.ptr(f"TZ{g.index}", f"c.TZ{g.index}"), R, off, d)
+        if nm in self.Q:
+            return self.at(fn.ptr("T" + self.Q[nm], f"c.T{self.Q[nm]}" + (tB + cD if tB else "")), D, "0", d)
+        return self.at(fn.ptr("T" + self.N[nm], f"c.T{self.N[nm]}"), D, "0", d)
+
+    def jvp_function(self, name: str, op: _Op, static: bool) -> tuple[str, str]:
+        """Forward-mode tangents of one fused loop: each owner's tangent is the sum over what it
+        reads of (derived local partial) x (tangent of the source)."""
+        fn = _Fn()
+        ctx = "static" if static else "bwd"  # values are read from stored trajectories
+        d = op.dim
+        locals_: dict[str, str] = {}
+        body: list[str] = []
+        for k, it in enumerate(op.items):
+            terms = []
+            tsyms = []
+            for src, e in it.partials:
+                ta = self.tangent_access(src, fn, ctx, locals_)
+                if ta is None:
+                    continue
+                ts = sympy.Symbol(f"_t{len(tsyms)}")
+                tsyms.append((ts, ta))
+                terms.append(e * ts)
+            pr = self.printer
+            names = sorted({self.name_of[sy] for e in terms for sy in e.free_symbols if sy in self.name_of})
+            pr.access = {self.sym[nm]: self.value_access(nm, fn, ctx, {}) for nm in names}
+            pr.access.update({ts: ta for ts, ta in tsyms})
+            repl, red = _cse([sympy.Add(*terms)])
+            self.max_temps = max(self.max_temps, len(repl))
+            body.append(f"            # tangent of {it.name}")
+            body += [f"            {sy.name} = {self.code(e)}" for sy, e in repl]
+            v = f"v{k}"
+            body.append(f"            {v} = {self.code(red[0])}")
+            if it.kind == "out":
+                sdim = self.dim_of[self.states[it.state]]
+                tgt = self.at(fn.ptr(f"TSN{it.state}", f"c.TS{it.state} + (t + 1)*B*{self.cD(sdim)}"), self.D[sdim], "0", d)
+            elif static:
+                tgt = self.at(fn.ptr("T" + self.Q[it.name], f"c.T{self.Q[it.name]}"), self.D[d], "0", d)
+            else:
+                tgt = self.at(fn.ptr("T" + self.N[it.name], f"c.T{self.N[it.name]}"), self.D[d], "0", d)
+            body.append(f"            {tgt} = {v}")
+            locals_[it.name] = v
+        head = self._signature(name, fn)
+        loops = ["    for b in range(B):", f"        for i in range({self.D[d]}):" if d != 1 else "        for i in range(1):"]
+        decl = [f"    cdef real {', '.join([f'v{k}' for k in range(len(op.items))] + self._temps())}"]
+        src = "\n".join([head, "    cdef Py_ssize_t b, i", *decl, *loops, *body]) + "\n"
+        return src, self._call(name, fn, "T*B" if static else "B")
+
+
 def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     """The Cython source of ``cell``'s compiled program (forward, losses, BPTT) for ``dtype``."""
     dt = np.dtype(dtype)
@@ -607,6 +681,28 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
         slot("G" + code, "grad", nm, (1,))
     slot("GV", "grad_V", None, ("o", G.dim_of[G.states[0]]))
     slot("LR", "loss_res", None, ())  # residuals; shape depends on the loss
+    # forward-mode tangents (JVP): inputs, then work arrays and the state tangents
+    slot("TX", "tan_x", G.xname, ("T", "B", xdim))
+    for nm, code in G.M.items():
+        slot("T" + code, "tan_param", nm, G.shape_of[nm])
+    for nm, code in G.P.items():
+        slot("T" + code, "tan_param", nm, G.shape_of[nm])
+    for nm, code in G.p.items():
+        slot("T" + code, "tan_param", nm, (1,))
+    for k, s in enumerate(G.states):
+        slot(f"TH{k}", "tan_h0", s, ("B", G.dim_of[s]))
+        slot(f"TS{k}", "tan_state", s, ("T+1", "B", G.dim_of[s]))
+    for nm, code in G.N.items():
+        slot("T" + code, "tan_node", nm, ("B", G.dim_of[nm]))
+    for nm, code in G.Q.items():
+        slot("T" + code, "tan_static", nm, ("T", "B", G.dim_of[nm]))
+    for g in G.sgroups:
+        slot(f"TU{g.index}", "tan_stack", g, (("RS", g.index), g.cols))
+        slot(f"TY{g.index}", "tan_static_group", g, ("T", "B", ("RS", g.index)))
+    for g in G.dgroups:
+        slot(f"TW{g.index}", "tan_stack", g, (("R", g.index), g.cols))
+        slot(f"TWT{g.index}", "tan_stack_t", g, (g.cols, ("R", g.index)))
+        slot(f"TZ{g.index}", "tan_group", g, ("B", ("R", g.index)))
     ints: list[tuple[Any, ...]] = [("T",), ("B",), ("o",)] + [("dim", d) for d in G.dims]
     ints += [("R", g.index) for g in G.dgroups] + [("RS", g.index) for g in G.sgroups]
     ints += [("stride", G.N[nm]) for nm in G.nodes] + [("stride", f"Z{g.index}") for g in G.dgroups]
@@ -793,6 +889,68 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
         else:
             bwd.append(f"    {it}")
 
+    # ---------------------------------------------------------------- JVP driver
+    jv: list[str] = []
+    jv.append("    # stacked tangent weights")
+    for g in G.sgroups + G.dgroups:
+        name = f"TU{g.index}" if g.static else f"TW{g.index}"
+        c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
+        for k, mat in enumerate(g.matrices):
+            off = G._offset(g, k)
+            offc = "0" if off == "0" else _cexpr(off)
+            rows = f"c.{D[g.rows[k]]}" if g.rows[k] != 1 else "1"
+            jv.append(f"    memcpy(c.{name} + ({offc})*{c_}, c.T{G.M[mat]}, sizeof(real)*{rows}*{c_})")
+        if not g.static:
+            jv.append(f"    transpose(c.R{g.index}, {c_}, c.TW{g.index}, c.TWT{g.index})")
+
+    def tan_src_ptr(nm: str, t: str) -> tuple[str, str] | None:
+        d = D[G.dim_of[nm]]
+        kind = G.kind_of.get(nm)
+        if kind == "input":
+            return (f"c.TX + {t}*c.B*c.{d}" if t != "0" else "c.TX"), f"c.{d}"
+        if kind == "state":
+            k = G.states.index(nm)
+            return f"c.TS{k} + {t}*c.B*c.{d}", f"c.{d}"
+        if nm in G.group_of:
+            g, off = G.group_of[nm]
+            offc = "" if off == "0" else " + " + _cexpr(off)
+            if g.static:
+                return (f"c.TY{g.index} + {t}*c.B*c.RS{g.index}{offc}" if t != "0" else f"c.TY{g.index}{offc}"), f"c.RS{g.index}"
+            return f"c.TZ{g.index}{offc}", f"c.R{g.index}"
+        if nm in G.Q:
+            return (f"c.T{G.Q[nm]} + {t}*c.B*c.{d}" if t != "0" else f"c.T{G.Q[nm]}"), f"c.{d}"
+        return f"c.T{G.N[nm]}", f"c.{d}"
+
+    for k, op in enumerate(G.static_ops):
+        if op.kind == "loop":
+            f_, call = G.jvp_function(f"sjv{k}", op, static=True)
+            funcs.append(f_)
+            jv.append(f"    {call}")
+        else:
+            g = op.group
+            assert g is not None
+            sp, ld = src_ptr(g.source, True, "0")
+            tp_, tld = tan_src_ptr(g.source, "0")  # type: ignore[misc]
+            c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
+            jv.append(f"    mm(0, 1, c.T*c.B, c.RS{g.index}, {c_}, 1, {tp_}, {tld}, c.U{g.index}, {c_}, 0, c.TY{g.index}, c.RS{g.index})")
+            jv.append(f"    mm(0, 1, c.T*c.B, c.RS{g.index}, {c_}, 1, {sp}, {ld}, c.TU{g.index}, {c_}, 1, c.TY{g.index}, c.RS{g.index})")
+    for k, s_ in enumerate(G.states):
+        jv.append(f"    memcpy(c.TS{k}, c.TH{k}, sizeof(real)*c.B*c.{D[G.dim_of[s_]]})")
+    jv.append("    for t in range(T):")
+    for k, op in enumerate(G.dyn_ops):
+        if op.kind == "loop":
+            f_, call = G.jvp_function(f"jv{k}", op, static=False)
+            funcs.append(f_)
+            jv.append(f"        {call}")
+        else:
+            g = op.group
+            assert g is not None
+            sp, ld = src_ptr(g.source, False, "t")
+            tp_, tld = tan_src_ptr(g.source, "t")  # type: ignore[misc]
+            c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
+            jv.append(f"        mm(0, 0, B, c.R{g.index}, {c_}, 1, {tp_}, {tld}, c.WT{g.index}, c.R{g.index}, 0, c.TZ{g.index}, c.R{g.index})")
+            jv.append(f"        mm(0, 0, B, c.R{g.index}, {c_}, 1, {sp}, {ld}, c.TWT{g.index}, c.R{g.index}, 1, c.TZ{g.index}, c.R{g.index})")
+
     # ---------------------------------------------------------------- module text
     rt = "float" if dt == np.float32 else "double"
     f = "f" if dt == np.float32 else ""
@@ -936,6 +1094,12 @@ cdef void loss(Ctx* c, bint step) noexcept nogil:
         mm(0, 0, rows, n, c.o, s, c.LR, c.o, c.LV, n, 0, c.CA0, n)
 
 
+cdef void jvp(Ctx* c) noexcept nogil:
+    # forward mode along the tangents TX, TM*, TP*, Tp*, TH* (needs a forward pass that stored every node)
+    cdef Py_ssize_t t, T = c.T, B = c.B
+{chr(10).join(jv)}
+
+
 cdef void backward(Ctx* c) noexcept nogil:
     cdef Py_ssize_t t, T = c.T, B = c.B
     cdef real* {temps_line.replace(', ', ', *')}
@@ -971,6 +1135,9 @@ cdef int _checked(Ctx* c, const long long* sz, int what) noexcept nogil:
         loss(c, 1)
     if what & {BACKWARD}:
         backward(c)
+    if what & {JVP}:
+        jvp(c)
+{chr(10).join(f"        if not all_finite(c.TS{k} + c.T*c.B*c.{D[G.dim_of[st]]}, c.B*c.{D[G.dim_of[st]]}):{chr(10)}            return -1" for k, st in enumerate(G.states))}
 {chr(10).join(f"        if c.{slots[k].code} != NULL and not all_finite(c.{slots[k].code}, sz[{k}]):{chr(10)}            return -1" for k in out_idx)}
     return 0
 """

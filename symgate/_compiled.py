@@ -20,7 +20,7 @@ import numpy as np
 from ._aot import load as load_aot
 from ._build import build_module
 from ._cell import Cell, Dim
-from ._codegen import BACKWARD, FORWARD, LOSS_LAST, LOSS_STEP, GeneratedSource, Slot, generate
+from ._codegen import BACKWARD, FORWARD, JVP, LOSS_LAST, LOSS_STEP, GeneratedSource, Slot, generate
 from ._errors import CellSpecError, NonFiniteError, NumericalError, SymgateError
 from ._reference import Gradients, ReferenceKernel, Trajectory
 from ._validate import check_dtype
@@ -34,7 +34,8 @@ class _Run:
 
     def __init__(self, k: "CompiledKernel", params: Mapping[str, np.ndarray], x: np.ndarray, h0: Mapping[str, np.ndarray],
                  sizes: Mapping[Dim, int], *, store_all: bool, loss: Loss | None, cots: Mapping[str, np.ndarray] | None,
-                 backward: bool, pool: dict[Any, np.ndarray] | None = None) -> None:
+                 backward: bool, pool: dict[Any, np.ndarray] | None = None,
+                 tangents: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], np.ndarray] | None = None) -> None:
         g = k.generated
         dt = k.dtype
         T, B, _ = x.shape
@@ -107,6 +108,19 @@ class _Run:
                 a = empty(sl, shape(sl)) if loss is not None else None
             elif sl.role == "loss_res":
                 a = empty(sl, (T, B, o) if step else (B, o)) if loss is not None else None
+            elif sl.role.startswith("tan_"):
+                if tangents is None:
+                    a = None
+                elif sl.role == "tan_x":
+                    a = tangents[2]
+                elif sl.role == "tan_param":
+                    a = np.ascontiguousarray(tangents[0][sl.key], dtype=dt).reshape(shape(sl))
+                elif sl.role == "tan_h0":
+                    a = tangents[1][sl.key]
+                elif sl.role == "tan_state":
+                    a = np.empty(shape(sl), dtype=dt)
+                else:
+                    a = empty(sl, shape(sl))
             else:  # state, static, stack, stack_t, static_group
                 a = empty(sl, shape(sl))
             arrays[sl.code] = a
@@ -136,7 +150,7 @@ class _Run:
             elif it[0] == "has_cot":
                 iv.append(1 if cots is not None else 0)
         self.iv = np.array(iv, dtype=np.longlong)
-        self.what = FORWARD | (BACKWARD if backward else 0) | \
+        self.what = FORWARD | (BACKWARD if backward else 0) | (JVP if tangents is not None else 0) | \
             (0 if loss is None else (LOSS_STEP if step else LOSS_LAST))
         self.kernel = k
 
@@ -267,6 +281,14 @@ class CompiledKernel(ReferenceKernel):
         run = _Run(self, params, x, h0d, sizes, store_all=False, loss=None, cots=cots, backward=True, pool=self._pool())
         run()
         return self._gradients(run, sizes)
+
+    def _jvp_checked(self, params: dict[str, np.ndarray], x: np.ndarray, h0: dict[str, np.ndarray], sizes: dict[Dim, int],
+                     tp: Mapping[str, np.ndarray], th0: Mapping[str, np.ndarray], tx: np.ndarray) -> dict[str, np.ndarray]:
+        """Forward mode in compiled code: one call runs the forward pass and the tangent recursion."""
+        run = _Run(self, params, x, h0, sizes, store_all=True, loss=None, cots=None, backward=False,
+                   tangents=(tp, th0, tx))
+        run()
+        return {s: run.arrays[f"TS{k}"][1:] for k, s in enumerate(self.generated.states)}  # type: ignore[index]
 
     def prepare(self, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any = None, *, loss: Loss) -> "PreparedStep":
         """Bind arrays once for repeated forward + loss + BPTT calls (a training loop).

@@ -448,7 +448,11 @@ class ReferenceKernel:
         tx = np.zeros_like(x) if tx is None else check_array("tangents['x']", tx, self.dtype, 3)
         if tx.shape != x.shape:
             raise ShapeError(f"tangents['x'] has shape {tx.shape}; expected {x.shape}")
-        traj = self._forward(params, x, h0d, sizes)
+        return self._jvp_checked(params, x, h0d, sizes, tp, th0, tx)
+
+    def _jvp_checked(self, params: dict[str, np.ndarray], x: np.ndarray, h0: dict[str, np.ndarray], sizes: dict[Dim, int],
+                     tp: Mapping[str, np.ndarray], th0: Mapping[str, np.ndarray], tx: np.ndarray) -> dict[str, np.ndarray]:
+        traj = self._forward(params, x, h0, sizes)
         return self._jvp(params, traj, tp, th0, tx)
 
     def _jvp(self, params: Mapping[str, np.ndarray], traj: Trajectory, tp: Mapping[str, np.ndarray],

@@ -32,7 +32,15 @@ check              routes compared                              tolerance (float
                    defining expression
 ``float32``        float32 kernels vs float64 kernels on the    ``C_ROUND * (T+1) * eps32``
                    same (float32-representable) problem
+``batch``          a batch of B vs B batches of one (states;    ``C_ROUND * (T+1) * eps``
+                   gradients average over the batch)
+``compiled``       compiled kernel vs numpy reference (states,  ``C_ROUND * (T+1) * eps``
+                   nodes, losses, all gradients, JVPs); only
+                   with ``backend="compiled"``
 =================  ===========================================  ===============================
+
+With ``backend="compiled"`` every kernel-based check runs on the compiled kernels
+(the complex-step forward pass stays the numpy reference's: complex128 is not compiled).
 
 ``C_FD = 100`` bounds the constants of the finite-difference error (third
 derivatives of cells with spectrally scaled weights, ``rho <= 1.2``, are below
@@ -471,7 +479,7 @@ def _rel(a: np.ndarray, ref: np.ndarray) -> float:
 
 def check_compiled(prob: Problem, backend: str = "compiled") -> CheckResult:
     """Compiled kernel vs numpy reference, float64: forward states and nodes; loss value and the
-    gradients of every parameter, ``h0``, ``x`` and the readout, for both losses.
+    gradients of every parameter, ``h0``, ``x`` and the readout, for both losses; JVPs.
 
     Same operations in another order (BLAS and C vs numpy): a few ulps per operation,
     accumulated over the steps, hence ``C_ROUND * (T+1) * eps`` relative to each quantity's
@@ -489,6 +497,12 @@ def check_compiled(prob: Problem, backend: str = "compiled") -> CheckResult:
         pairs += [(f"{loss} loss d/d{n}", gk.params[n], gr.params[n]) for n in gr.params]
         pairs += [(f"{loss} loss d/dh0[{s}]", gk.h0[s], gr.h0[s]) for s in gr.h0]
         pairs += [(f"{loss} loss d/dx", gk.x, gr.x), (f"{loss} loss d/dV", gk.readout["V"], gr.readout["V"])]
+    rng = np.random.default_rng(abs(prob.seed) + 67)
+    dp, dh, dx = _direction(prob, rng)
+    tangents: dict[str, Any] = dict(dp)
+    tangents.update(h0=dh, x=dx)
+    jk, jr = k.jvp(prob.params, prob.x, prob.h0, tangents), r.jvp(prob.params, prob.x, prob.h0, tangents)
+    pairs += [(f"JVP of {s}", jk[s], jr[s]) for s in jr]
     for name, a, b in pairs:
         e = _rel(a, b)
         if e > worst:
