@@ -1106,16 +1106,20 @@ cdef void backward(Ctx* c) noexcept nogil:
 {chr(10).join(bwd)}
 
 
-def run(const long long[::1] ptr, const long long[::1] iv, const long long[::1] sz, int what):
-    \"\"\"Run the program on the arrays at the addresses ``ptr`` (layout: the generator's slots).
+def run(size_t ptr_addr, size_t iv_addr, size_t sz_addr, int what):
+    \"\"\"Run the program.  The three arguments are addresses of int64 arrays the caller keeps
+    alive: the data pointers of the arrays in slot order (then the loss value's), the sizes
+    (``ints`` of the generator) and the element counts to check for NaN/inf (0: unchecked).
 
-    ``what``: 1 forward, 2 last-state loss, 4 per-step loss, 8 BPTT (bits).  Returns 0, or
-    k > 0 if input slot k-1 holds a NaN/inf, or -1 if a result is not finite.
+    ``what``: 1 forward, 2 last-state loss, 4 per-step loss, 8 BPTT, 16 JVP (bits).  Returns 0,
+    or k > 0 if input slot k-1 holds a NaN/inf, or -1 if a result is not finite.
     \"\"\"
+    cdef const long long* ptr = <const long long*>ptr_addr
+    cdef const long long* iv = <const long long*>iv_addr
+    cdef const long long* szp = <const long long*>sz_addr
     cdef Ctx c
     cdef int k
 {chr(10).join(unpack)}
-    cdef const long long* szp = &sz[0]
     with nogil:
         k = _checked(&c, szp, what)
     return k

@@ -150,12 +150,13 @@ class _Run:
             elif it[0] == "has_cot":
                 iv.append(1 if cots is not None else 0)
         self.iv = np.array(iv, dtype=np.longlong)
+        self.addr = (self.ptr.ctypes.data, self.iv.ctypes.data, self.sz.ctypes.data)
         self.what = FORWARD | (BACKWARD if backward else 0) | (JVP if tangents is not None else 0) | \
             (0 if loss is None else (LOSS_STEP if step else LOSS_LAST))
         self.kernel = k
 
     def __call__(self) -> None:
-        code = self.kernel.module.run(self.ptr, self.iv, self.sz, self.what)
+        code = self.kernel.module.run(*self.addr, self.what)
         if code != 0:
             self.kernel._raise(code, self)
 
@@ -344,7 +345,7 @@ class PreparedStep:
 
     def __call__(self) -> Any:
         r = self._run
-        code = self._call(r.ptr, r.iv, r.sz, r.what)
+        code = self._call(*r.addr, r.what)
         if code != 0:
             self.kernel._raise(code, r)
         if not self._views:

@@ -161,3 +161,36 @@ def test_killed_build_does_not_poison_the_cache(cache: Path, tmp_path: Path) -> 
     m = build_module(src_file.read_text())  # the next call succeeds (the dead worker's lock is gone)
     assert m.f(2.0) == 4.0
     assert len(entries(cache)) == 1
+
+
+KERNEL_WORKER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import symgate as sg
+
+    @sg.cell
+    def fresh(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"), U: sg.Matrix("n", "m"), k: sg.Constant(float(sys.argv[1]))):
+        return (1 - k) * h + k * sg.tanh(W @ h + U @ x)
+
+    kern = sg.compile(fresh, "float64")
+    assert kern.origin == "cache"
+    rng = np.random.default_rng(0)
+    p = {"W": 0.5 * rng.standard_normal((3, 3)), "U": rng.standard_normal((3, 2))}
+    x = rng.standard_normal((4, 2, 2))
+    ok = np.allclose(kern.forward(p, x).h, sg.reference_kernel(fresh).forward(p, x).h, rtol=0, atol=1e-14)
+    print("ok" if ok else "mismatch", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_eight_processes_compile_the_same_new_kernel(cache: Path, tmp_path: Path) -> None:
+    """8 processes ask for the same never-seen cell's kernel at once: one build, eight working kernels."""
+    token = str(0.25 + 0.5 * (uuid.uuid4().int % 10**6) / 10**6)  # a new constant: a new content hash
+    env = {**os.environ, "SYMGATE_CACHE_DIR": str(cache), "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", KERNEL_WORKER, token], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert [o[0].strip() for o in outs] == ["ok"] * 8
+    assert len(entries(cache)) == 1
+    assert not list(cache.glob(".build-*"))
