@@ -208,6 +208,39 @@ def gemm_peak(dtype: str, size: int = 2048, repeats: int = 5) -> dict[str, float
     return out
 
 
+# --------------------------------------------------------------------------- background load
+@dataclass
+class CpuSnapshot:
+    """Busy CPU seconds of the whole machine and of this process (and its children), at a time."""
+
+    machine_busy: float
+    own_busy: float
+    when: float
+
+
+def cpu_snapshot() -> CpuSnapshot | None:
+    """From /proc/stat (Linux); None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return CpuSnapshot(busy, sum(os.times()[:4]), time.monotonic())
+
+
+def background_load(a: CpuSnapshot | None, b: CpuSnapshot | None) -> float | None:
+    """Fraction of all CPUs used by *other* processes between two snapshots (0 = a quiet machine)."""
+    if a is None or b is None or b.when <= a.when:
+        return None
+    other = (b.machine_busy - a.machine_busy) - (b.own_busy - a.own_busy)
+    return max(0.0, other / ((b.when - a.when) * (os.cpu_count() or 1)))
+
+
+def fmt_load(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
 # --------------------------------------------------------------------------- timing
 @dataclass
 class Timing:
@@ -538,11 +571,13 @@ class CaseResult:
     first_call: dict[str, float] = field(default_factory=dict)  # seconds of the first call (compiles)
     errors: dict[str, float] = field(default_factory=dict)      # worst relative error per implementation
     missing: dict[str, str] = field(default_factory=dict)       # reason per implementation
+    background: float | None = None  # share of the CPUs other processes used while this case ran
 
 
 def run_case(p: Problem, impls: dict[str, list[Impl]], reference: Impl, budget: Callable[[str, Problem], Budget]) -> CaseResult:
     """Check every implementation against the numpy reference, then time them."""
     case = CaseResult(p.cell, p.size, str(p.dtype))
+    start = cpu_snapshot()
     ref_prep = reference.prepare(p)
     ref_prep.run()
     ref = ref_prep.result()
@@ -588,6 +623,7 @@ def run_case(p: Problem, impls: dict[str, list[Impl]], reference: Impl, budget: 
         else:
             case.times[column] = best[0]
             case.variants[column] = best[1].variant
+    case.background = background_load(start, cpu_snapshot())
     return case
 
 
@@ -621,7 +657,7 @@ def size_str(size: tuple[int, int, int, int]) -> str:
 
 def print_dtype_tables(dtype: str, cases: list[CaseResult], peak: dict[str, float]) -> None:
     peak_best = max(peak.values()) if peak else float("nan")
-    header = ["cell", "(n,m,B,T)"] + [h for _, h in COLUMNS] + ["sg GFLOP/s", "% peak", "max err"]
+    header = ["cell", "(n,m,B,T)"] + [h for _, h in COLUMNS] + ["sg GFLOP/s", "% peak", "max err", "other load"]
     rows = []
     for c in cases:
         row = [c.cell, size_str(c.size)]
@@ -639,6 +675,7 @@ def print_dtype_tables(dtype: str, cases: list[CaseResult], peak: dict[str, floa
         else:
             row += ["n/a", "n/a"]
         row.append(f"{max(c.errors.values()):.0e}" if c.errors else "n/a")
+        row.append(fmt_load(c.background))
         rows.append(row)
     peak_txt = ", ".join(f"{k} {v:.1f}" for k, v in peak.items())
     print_table(f"== {dtype}: forward + BPTT, median time per call (peak GEMM GFLOP/s: {peak_txt}; "
@@ -706,7 +743,12 @@ def compile_child(kval: float) -> None:
     t1 = time.perf_counter()
     kernel = sg.compile(cell, "float64")
     t_compile = time.perf_counter() - t1
-    print(json.dumps({"compile_s": t_compile, "import_s": t_import, "backend": kernel.backend}))
+    # the same again in this process (a new Cell object): one-time imports and warm-up are done now
+    again = new_cell(sg, kval)
+    t2 = time.perf_counter()
+    sg.compile(again, "float64")
+    t_again = time.perf_counter() - t2
+    print(json.dumps({"compile_s": t_compile, "again_s": t_again, "import_s": t_import, "backend": kernel.backend}))
 
 
 def measure_compile_times() -> dict[str, Any]:
@@ -740,6 +782,10 @@ def print_compile_times(ct: dict[str, Any]) -> None:
         what = "empty cache, generate + Cython + C compile" if label == "cold" else "cache filled by the cold run"
         print(f"  {label:<4s} sg.compile: {fmt_time(r['compile_s']):>10s}   target < {fmt_time(target)}: {verdict}   "
               f"({what}; cache entries after: {ct.get(f'{label}_entries')}; import symgate {fmt_time(r['import_s'])}, not included)")
+    warm = ct.get("warm")
+    if warm is not None:
+        print(f"  (for comparison: sg.compile of a new Cell object for the same cell, repeated in the warm subprocess: "
+              f"{fmt_time(warm['again_s'])}; the difference is one-time work of the first call in a process)")
 
 
 # --------------------------------------------------------------------------- main
@@ -851,6 +897,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for v in versions:
         print(f"  {v}")
 
+    before = cpu_snapshot()
+    time.sleep(1.0)
+    idle_load = background_load(before, cpu_snapshot())
+    print(f"  other processes' CPU use before the run: {fmt_load(idle_load)} of {os.cpu_count()} CPUs")
+    run_start = cpu_snapshot()
     t_start = time.perf_counter()
     results: dict[str, list[CaseResult]] = {}
     peaks: dict[str, dict[str, float]] = {}
@@ -886,10 +937,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_dtype_tables(dtype, results.get(dtype, []), peaks.get(dtype, {}))
     print_notes([c for d in dtypes for c in results.get(d, [])], global_missing)
 
+    run_load = background_load(run_start, cpu_snapshot())
     if not args.no_compile_time:
         log("compile time of a new cell")
         print_compile_times(measure_compile_times())
-    print(f"\ntotal run time {time.perf_counter() - t_start:.0f} s")
+    print(f"\ntotal run time {time.perf_counter() - t_start:.0f} s; other processes used {fmt_load(run_load)} "
+          f"of the CPUs during the timings")
+    if run_load is not None and run_load > 0.1:
+        print("WARNING: the machine was not quiet (see the 'other load' column): timings of multi-threaded "
+              "code (BLAS, torch, XLA) are inflated where other processes competed for the cores.")
     return 0
 
 

@@ -13,12 +13,13 @@ single compiled call on the *current contents* of the bound arrays.
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
 
 from ._aot import load as load_aot
-from ._build import build_module
+from ._build import SymgateWarning, build_module
 from ._cell import Cell, Dim
 from ._codegen import BACKWARD, FORWARD, JVP, LOSS_LAST, LOSS_STEP, GeneratedSource, Slot, generate
 from ._errors import CellSpecError, NonFiniteError, NumericalError, SymgateError
@@ -383,5 +384,7 @@ def kernels(cell: Cell, dtype: Any = "float64") -> ReferenceKernel:
         return compile(cell, dtype)
     except SymgateError:
         raise
-    except (OSError, ImportError):
+    except (OSError, ImportError) as exc:  # no C compiler (or no Cython): the numpy reference still works
+        warnings.warn(f"cell {cell.name!r}: no compiled kernel ({type(exc).__name__}: {exc}); using the numpy reference kernel",
+                      SymgateWarning, stacklevel=2)
         return reference_kernel(cell, dtype)

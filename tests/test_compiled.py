@@ -249,3 +249,14 @@ def test_battery_checks_compiled_backend_fast() -> None:
     rep = sg.testing.verify(cached_builtin("scalar_gate"), examples=1, backend="compiled",
                             checks=["compiled", "batch", "bptt_cs", "adjoint", "float32"])
     assert rep.passed and {r.check for r in rep.results} == {"compiled", "batch", "bptt_cs", "adjoint", "float32"}
+
+
+def test_kernels_falls_back_to_reference_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    @sg.cell
+    def needs_a_compiler(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"), U: sg.Matrix("n", "m")):
+        return 0.5 * h + sg.tanh(W @ h + U @ x)
+
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.warns(sg.SymgateWarning, match="numpy reference"):
+        k = sg.kernels(needs_a_compiler)
+    assert k.backend == "numpy-reference"
