@@ -32,7 +32,15 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow --hypothesis-profile=thorough
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.symgate-bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check 'torch==2.13.0' 'jax>=0.4.30'
+	$(MAKE) -f ../shared/bench-ref/Makefile OUT=build/cref PY=$(PY) || echo "(C reference not built: ../shared/bench-ref missing)"
+	@touch $(BENCH_STAMP)
+
+# kernels vs numpy reference, PyTorch, JAX and the hand-written C reference; then derivation speed
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_derive.py
 
 clean:

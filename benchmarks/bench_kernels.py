@@ -15,7 +15,7 @@ in float64 and float32, the time of one forward pass + last-state MSE loss + ful
 * ``t.comp``  the same with ``torch.compile``: by default the cell update (one step) is compiled
               once per cell and dtype with dynamic shapes (``--torch-compile step``);
               ``--torch-compile unrolled`` compiles the whole unrolled sequence per case instead
-              (faster to run, but it took ~45 s to compile per case at T = 100 here);
+              (several times faster to run than eager, but ~50 s to compile per case at T = 100 here);
 * ``jax``     ``jax.jit(jax.value_and_grad(loss_fn))`` with ``jax.lax.scan`` over the steps;
 * ``C``       the hand-written C reference of ../shared/bench-ref (vector gate only), the best of
               its variants ("loops", "blas", "omp").
@@ -33,7 +33,9 @@ float64 and 1e-3 in float32 (see ``TOLERANCE``).  The script aborts if one disag
 
 Each timing is the median of at least 7 samples (3 with ``--quick``), taken after warm-up
 (JIT compiles excluded; their time is reported separately); one sample times a batch of calls
-long enough to last > 2 ms, so the tiny sizes get many calls per sample.
+long enough to last > 2 ms, so the tiny sizes get many calls per sample.  Within a case the
+implementations are sampled in interleaved blocks (see ``interleaved_medians``), so a drift of
+the machine's speed hits all alike.
 
 The GFLOP/s column counts the FLOPs of matrix products only (see ``matmul_flops``) and is
 compared with the machine's large-GEMM peak measured in the same run (2048 x 2048 products
@@ -50,7 +52,7 @@ Whatever is missing is reported as "n/a" with the reason.
 
 Run (from the repository root)
 ------------------------------
-    python benchmarks/bench_kernels.py                  # everything (~10-15 min on 2 cores)
+    python benchmarks/bench_kernels.py                  # everything (~8 min on 2 cores)
     python benchmarks/bench_kernels.py --quick          # smoke run: the two smallest sizes, few repeats
     python benchmarks/bench_kernels.py --dtype float64 --cells vector_gate --sizes 64,2,32,500
     python benchmarks/bench_kernels.py --no-torch --no-jax --cref-dir build/cref
@@ -69,9 +71,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -92,6 +95,7 @@ LEAKY_ALPHA = 0.8  # the built-in leaky cell's constant rate
 TOLERANCE: dict[str, float] = {"float64": 1e-8, "float32": 1e-3}
 
 SAMPLE_SECONDS = 2e-3  # a timing sample lasts at least this long (a batch of calls)
+SETTLE_SECONDS = 0.1   # idle time before each block of samples (spinning worker threads go to sleep)
 SEED = 20240917
 
 # Columns of the tables: key, header.
@@ -258,10 +262,9 @@ class Budget:
     seconds: float
 
 
-def measure(fn: Callable[[], Any], budget: Budget) -> Timing:
-    """Median time of ``fn`` per call, over samples of batched calls each lasting > SAMPLE_SECONDS."""
-    fn()  # warm-up (the correctness check has run it already: compiles are done)
-    one = _timed(fn)
+def calibrate(fn: Callable[[], Any], budget: Budget) -> tuple[int, int]:
+    """Calls per sample (so a sample lasts > SAMPLE_SECONDS) and samples (within the budget) for ``fn``."""
+    one = _timed(fn)  # a warm-up call, not a sample (the correctness check made the first call: compiles are done)
     if one < SAMPLE_SECONDS:  # a better estimate of short calls
         k = max(1, int(SAMPLE_SECONDS / max(one, 1e-7)))
         t = time.perf_counter()
@@ -270,21 +273,41 @@ def measure(fn: Callable[[], Any], budget: Budget) -> Timing:
         one = (time.perf_counter() - t) / k
     batch = max(1, math.ceil(SAMPLE_SECONDS / max(one, 1e-9)))
     fit = int(budget.seconds / (one * batch))
-    samples = max(budget.min_samples, min(budget.max_samples, fit))
-    times = []
+    return batch, max(budget.min_samples, min(budget.max_samples, fit))
+
+
+def interleaved_medians(fns: Sequence[Callable[[], Any]], budget: Budget, blocks: int) -> list[Timing]:
+    """Median time per call of each function, sampled in interleaved blocks.
+
+    The samples of each function are split into ``blocks`` blocks taken in turn (f1 f2 ... f1 f2 ...),
+    so a slow drift of the machine's speed (other virtual machines, clocks) affects all alike and
+    their ratios stay meaningful.  Before each block the machine idles for SETTLE_SECONDS and
+    the function makes one untimed call: worker threads of the previous implementation (OpenBLAS,
+    OpenMP, XLA's pool) spin for a while after their last call, and would otherwise steal the
+    cores from the next one (sampling call by call in turn made symgate and torch 3x slower).
+    """
+    plans = [calibrate(fn, budget) for fn in fns]
+    times: list[list[float]] = [[] for _ in fns]
     gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(samples):
-            t = time.perf_counter()
-            for _ in range(batch):
+        for block in range(blocks):
+            for fn, (batch, samples), out in zip(fns, plans, times):
+                todo = samples * (block + 1) // blocks - len(out)
+                if todo <= 0:
+                    continue
+                time.sleep(SETTLE_SECONDS)
                 fn()
-            times.append((time.perf_counter() - t) / batch)
+                for _ in range(todo):
+                    t = time.perf_counter()
+                    for _ in range(batch):
+                        fn()
+                    out.append((time.perf_counter() - t) / batch)
     finally:
         if was_enabled:
             gc.enable()
-    return Timing(statistics.median(times), samples, batch)
+    return [Timing(statistics.median(ts), samples, batch) for ts, (batch, samples) in zip(times, plans)]
 
 
 # --------------------------------------------------------------------------- implementations
@@ -314,14 +337,19 @@ def _copy_grads(params: dict[str, np.ndarray], V: np.ndarray) -> dict[str, np.nd
     return out
 
 
-def sg_impls(sg: Any) -> list[Impl]:
-    """symgate compiled (prepare and backward) and the numpy reference kernel."""
+def sg_impls(sg: Any, cells: dict[str, Any]) -> list[Impl]:
+    """symgate compiled (prepare and backward) and the numpy reference kernel.
+
+    ``cells`` maps names to Cell objects, one per name, so sg.compile's per-cell cache is hit."""
+
+    def cell_of(name: str) -> Any:
+        return cells[name]
 
     def loss_of(p: Problem) -> Any:
         return sg.losses.last_mse(p.V, p.y)
 
     def prepared(p: Problem) -> Prepared:
-        k = sg.compile(sg.cells.builtin(p.cell), str(p.dtype))
+        k = sg.compile(cell_of(p.cell), str(p.dtype))
         step = k.prepare(p.params, p.x, p.h0, loss=loss_of(p))
 
         def result() -> Result:
@@ -332,7 +360,7 @@ def sg_impls(sg: Any) -> list[Impl]:
 
     def backward_with(kernel_of: Callable[[Any, str], Any]) -> Callable[[Problem], Prepared]:
         def prep(p: Problem) -> Prepared:
-            k = kernel_of(sg.cells.builtin(p.cell), str(p.dtype))
+            k = kernel_of(cell_of(p.cell), str(p.dtype))
             loss = loss_of(p)
             last: list[Any] = [None]
 
@@ -395,7 +423,6 @@ class TorchSetup:
     threads: int
     compile_mode: str  # "step" | "unrolled" | "off"
     compiled_steps: dict[str, Callable[..., Any]] = field(default_factory=dict)
-    compile_seconds: dict[str, float] = field(default_factory=dict)  # first-call time per case key
 
 
 def setup_torch(compile_mode: str) -> TorchSetup:
@@ -424,12 +451,12 @@ def torch_impl(ts: TorchSetup, compiled: bool) -> Callable[[Problem], Prepared]:
         variant = ""
         if not compiled:
             step = torch_step(p.cell)
-            loss_fn = lambda: torch_cell_loss(p.cell, P, x, h0, V, y, step)  # noqa: E731
+            loss_fn = lambda: torch_cell_loss(p.cell, P, x, h0, V, y, step)
         elif ts.compile_mode == "step":
             if p.cell not in ts.compiled_steps:
                 ts.compiled_steps[p.cell] = torch.compile(torch_step(p.cell), dynamic=True, fullgraph=True)
             step = ts.compiled_steps[p.cell]
-            loss_fn = lambda: torch_cell_loss(p.cell, P, x, h0, V, y, step)  # noqa: E731
+            loss_fn = lambda: torch_cell_loss(p.cell, P, x, h0, V, y, step)
             variant = "step"
         else:
             whole = torch.compile(lambda: torch_cell_loss(p.cell, P, x, h0, V, y, torch_step(p.cell)), dynamic=False)
@@ -556,8 +583,8 @@ def rel_errors(res: Result, ref: Result) -> dict[str, float]:
     return errs
 
 
-class Disagreement(SystemExit):
-    pass
+class Disagreement(Exception):
+    """An implementation's loss or gradients differ from the numpy reference beyond TOLERANCE."""
 
 
 # --------------------------------------------------------------------------- one case
@@ -574,17 +601,23 @@ class CaseResult:
     background: float | None = None  # share of the CPUs other processes used while this case ran
 
 
-def run_case(p: Problem, impls: dict[str, list[Impl]], reference: Impl, budget: Callable[[str, Problem], Budget]) -> CaseResult:
-    """Check every implementation against the numpy reference, then time them."""
-    case = CaseResult(p.cell, p.size, str(p.dtype))
-    start = cpu_snapshot()
-    ref_prep = reference.prepare(p)
-    ref_prep.run()
-    ref = ref_prep.result()
-    ref.grads = {k: np.asarray(v, dtype=np.float64) for k, v in ref.grads.items()}
+@dataclass
+class Checked:
+    """An implementation that ran and agreed with the reference, ready to be timed."""
+
+    column: str
+    label: str
+    prep: Prepared
+
+
+def check_all(p: Problem, impls: dict[str, list[Impl]], ref: Result, case: CaseResult) -> list[Checked]:
+    """Run every implementation once (its first call: JIT compiles), compare it with the reference.
+
+    Implementations that cannot run are recorded in ``case.missing``; one that disagrees aborts.
+    """
     tol = TOLERANCE[str(p.dtype)]
+    ready: list[Checked] = []
     for column, candidates in impls.items():
-        best: tuple[Timing, Prepared] | None = None
         reasons = []
         for impl in candidates:
             if p.cell not in impl.cells:
@@ -605,24 +638,37 @@ def run_case(p: Problem, impls: dict[str, list[Impl]], reference: Impl, budget: 
             errs = rel_errors(res, ref)
             worst_name = max(errs, key=errs.__getitem__)
             label = column + (f"[{prep.variant}]" if prep.variant else "")
-            log(f"    {label:<22s} worst rel. error {errs[worst_name]:.1e} ({worst_name}); first call {first * 1e3:.1f} ms")
+            log(f"    {label:<24s} worst rel. error {errs[worst_name]:.1e} ({worst_name}); first call {fmt_time(first)}")
             if not errs[worst_name] <= tol:
                 raise Disagreement(
                     f"ABORT: {label} disagrees with the numpy reference on {p.cell} {p.size} {p.dtype}: "
                     f"relative error of {worst_name} is {errs[worst_name]:.3e} > {tol:.0e}\n"
                     f"all errors: {', '.join(f'{k}={v:.2e}' for k, v in errs.items())}")
-            timing = measure(prep.run, budget(column, p))
             case.errors[column] = max(case.errors.get(column, 0.0), errs[worst_name])
             case.first_call[label] = first
-            if best is None or timing.seconds < best[0].seconds:
-                best = (timing, prep)
-            if len(candidates) > 1:
-                log(f"      {label}: {fmt_time(timing.seconds)}")
-        if best is None:
+            ready.append(Checked(column, label, prep))
+        if not any(c.column == column for c in ready):
             case.missing[column] = "; ".join(dict.fromkeys(reasons)) or "not run"
-        else:
-            case.times[column] = best[0]
-            case.variants[column] = best[1].variant
+    return ready
+
+
+def run_case(p: Problem, impls: dict[str, list[Impl]], reference: Impl, budget: Budget) -> CaseResult:
+    """Check every implementation against the numpy reference, then time them all, interleaved."""
+    case = CaseResult(p.cell, p.size, str(p.dtype))
+    start = cpu_snapshot()
+    ref_prep = reference.prepare(p)
+    ref_prep.run()
+    ref = ref_prep.result()
+    ref.grads = {k: np.asarray(v, dtype=np.float64) for k, v in ref.grads.items()}
+    ready = check_all(p, impls, ref, case)
+    log(f"    timing {len(ready)} implementations, interleaved in {budget.min_samples} blocks")
+    timings = interleaved_medians([c.prep.run for c in ready], budget, blocks=budget.min_samples)
+    for c, timing in zip(ready, timings):
+        if c.label != c.column:
+            log(f"      {c.label}: {fmt_time(timing.seconds)}")
+        if c.column not in case.times or timing.seconds < case.times[c.column].seconds:  # best variant
+            case.times[c.column] = timing
+            case.variants[c.column] = c.prep.variant
     case.background = background_load(start, cpu_snapshot())
     return case
 
@@ -724,8 +770,10 @@ def new_cell(sg: Any, kval: float) -> Any:
     """A cell no cache has seen: the constant ``k`` (drawn per run) scales the gate's pre-activation."""
 
     @sg.cell
-    def bench_new_gate(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"), U: sg.Matrix("n", "m"),
-                       Wg: sg.Matrix("n", "n"), b: sg.Vector("n"), c: sg.Vector("n"), k: sg.Constant(kval)):
+    # symgate's annotations are specs, not types (hence the type: ignore for mypy)
+    def bench_new_gate(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"),  # type: ignore[valid-type]
+                       U: sg.Matrix("n", "m"), Wg: sg.Matrix("n", "n"), b: sg.Vector("n"),  # type: ignore[valid-type]
+                       c: sg.Vector("n"), k: sg.Constant(kval)) -> Any:  # type: ignore[valid-type]
         g = sg.sigmoid(k * (Wg @ h) + c)
         phi = sg.tanh(W @ h + U @ x + b)
         return (1 - g) * h + g * phi
@@ -761,7 +809,7 @@ def measure_compile_times() -> dict[str, Any]:
         for label in ("cold", "warm"):
             log(f"  {label}: sg.compile(new cell) in a fresh subprocess, SYMGATE_CACHE_DIR={cache}")
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--compile-child", repr(kval)],
-                                  env=env, capture_output=True, text=True, timeout=600)
+                                  check=False, env=env, capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
                 out[label] = None
                 out[f"{label}_error"] = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -814,15 +862,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def make_budget(quick: bool) -> Callable[[str, Problem], Budget]:
-    """Samples per measurement: >= 7 (3 quick), up to 41 for fast calls, ~1.5 s per measurement."""
-
-    def budget(column: str, p: Problem) -> Budget:
-        if quick:
-            return Budget(3, 5, 0.2)
-        return Budget(7, 41, 1.5)
-
-    return budget
+def make_budget(quick: bool) -> Budget:
+    """Samples per median: at least 7 (3 with --quick); fast calls get up to 41 within ~1.5 s."""
+    return Budget(3, 5, 0.2) if quick else Budget(7, 41, 1.5)
 
 
 def machine_info(sg: Any) -> str:
@@ -840,9 +882,10 @@ def machine_info(sg: Any) -> str:
             f"scipy {scipy.__version__}; symgate from {Path(sg.__file__).parent}")
 
 
-def build_impls(args: argparse.Namespace, sg: Any) -> tuple[dict[str, list[Impl]], Impl, dict[str, str], list[str]]:
+def build_impls(args: argparse.Namespace, sg: Any, cells: dict[str, Any]
+                ) -> tuple[dict[str, list[Impl]], Impl, dict[str, str], list[str]]:
     """Implementations per column, the reference, columns unavailable everywhere (with reasons), version notes."""
-    sg_list = sg_impls(sg)
+    sg_list = sg_impls(sg, cells)
     impls: dict[str, list[Impl]] = {i.key: [i] for i in sg_list}
     reference = sg_list[2]
     missing: dict[str, str] = {}
@@ -854,7 +897,7 @@ def build_impls(args: argparse.Namespace, sg: Any) -> tuple[dict[str, list[Impl]
         try:
             ts = setup_torch(compile_mode)
             impls["torch"] = [Impl("torch", torch_impl(ts, compiled=False))]
-            versions.append(f"torch {ts.torch.__version__} ({ts.threads} threads)")
+            versions.append(f"torch {ts.torch.__version__} ({ts.threads} threads; torch.compile: {compile_mode})")
             if compile_mode == "off":
                 missing["torch_compile"] = ("skipped with --quick (use --torch-compile step)" if args.quick and not args.torch_compile
                                             else "--torch-compile off")
@@ -891,7 +934,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     dtypes = list(DTYPES) if args.dtype == "both" else [args.dtype]
     sizes = list(args.sizes) if args.sizes else list(SIZES[:2] if args.quick else SIZES)
-    impls, reference, global_missing, versions = build_impls(args, sg)
+    cells = {name: sg.cells.builtin(name) for name in args.cells}
+    impls, reference, global_missing, versions = build_impls(args, sg, cells)
     budget = make_budget(args.quick)
     print(f"symgate kernel benchmark: forward + last-state MSE + full BPTT\nmachine: {machine_info(sg)}")
     for v in versions:
@@ -913,9 +957,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             peaks[dtype] = gemm_peak(dtype)
             log("  " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks[dtype].items()))
             for cell in args.cells:
-                sg_cell = sg.cells.builtin(cell)
+                sg_cell = cells[cell]
                 log(f"compiling {cell} {dtype} (cached on disk)")
+                t0 = time.perf_counter()
                 sg.compile(sg_cell, dtype)
+                log(f"  {fmt_time(time.perf_counter() - t0)}")
                 for size in sizes:
                     done += 1
                     log(f"[{done}/{n_cases}] {cell} {size_str(size)} {dtype}  ({time.perf_counter() - t_start:.0f} s elapsed)")

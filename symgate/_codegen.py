@@ -229,9 +229,9 @@ class _Gen:
         leaves = {lf.name for lf in cell.leaves if lf.kind != "state"}
         static_items = [it for it in items if it.static]
         dyn_items = [it for it in items if not it.static]
-        self.static_ops, sgroups = self._schedule(static_items, leaves, static=True, first=0)
+        self.static_ops, sgroups = self._schedule(static_items, leaves, static=True)
         avail = leaves | set(self.states) | {it.name for it in static_items}
-        self.dyn_ops, dgroups = self._schedule(dyn_items, avail, static=False, first=0)
+        self.dyn_ops, dgroups = self._schedule(dyn_items, avail, static=False)
         self.sgroups, self.dgroups = sgroups, dgroups
         self.group_of: dict[str, tuple[Group, str]] = {}
         for g in sgroups + dgroups:
@@ -256,13 +256,13 @@ class _Gen:
             else:
                 for src, _ in it.partials:
                     self.readers.setdefault(src, []).append(it.name)
-        self.op_of: dict[str, int] = {}
+        self.op_of: dict[str, tuple[str, int]] = {}
         for k, op in enumerate(self.static_ops):
             for it in op.items:
-                self.op_of[it.name] = ("s", k)  # type: ignore[assignment]
+                self.op_of[it.name] = ("s", k)
         for k, op in enumerate(self.dyn_ops):
             for it in op.items:
-                self.op_of[it.name] = ("d", k)  # type: ignore[assignment]
+                self.op_of[it.name] = ("d", k)
         # adjoints kept in registers: every reader is an elementwise owner of the same loop
         self.local_adj = {nm for nm in (self.nodes + self.static_nodes)
                           if all(r[0] != "@" and self.op_of.get(r) == self.op_of[nm] for r in self.readers.get(nm, []))
@@ -272,7 +272,7 @@ class _Gen:
         self.max_temps = 0
 
     # ------------------------------------------------------------------ schedule
-    def _schedule(self, items: list[_Item], avail: set[str], static: bool, first: int) -> tuple[list[_Op], list[Group]]:
+    def _schedule(self, items: list[_Item], avail: set[str], static: bool) -> tuple[list[_Op], list[Group]]:
         """Ops in a valid order: ready Linear nodes first, stacked by source; then maximal fused loops."""
         done = set(avail)
         rem = list(items)
@@ -974,7 +974,6 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     unpack = [f"    c.{s.code} = <real*><size_t>ptr[{k}]" for k, s in enumerate(slots)]
     unpack.append(f"    c.LOSS = <double*><size_t>ptr[{len(slots)}]")
     unpack += [f"    c.{nm} = iv[{k}]" for k, nm in enumerate(int_fields)]
-    sizes_of = {s.code: s for s in slots}
     # finiteness checks: every input slot (reads only; bound arrays of the run), every result
     in_checks = []
     for k, s in enumerate(slots[:n_inputs]):
@@ -983,7 +982,6 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
         [f"GU{g.index}" for g in G.sgroups] + ["G" + v for v in G.P.values()] + ["G" + v for v in G.p.values()]
     out_idx = [next(k for k, s in enumerate(slots) if s.code == oc) for oc in out_codes]
     state_idx = [next(k for k, s in enumerate(slots) if s.code == f"S{j}") for j in range(len(G.states))]
-    del sizes_of
     temps_line = ", ".join(["tmp"] + [f"ca{k}, cn{k}" for k in range(len(G.states))])
     header = _header(cell, dt)
     body = f"""
