@@ -32,6 +32,7 @@ validated identifiers.  The same cell always gives byte-identical source.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +130,8 @@ class GeneratedSource:
     nodes: list[str]  # state-dependent elementwise nodes, in slot order
     static_nodes: list[str]  # state-independent elementwise nodes
     needed: set[str]  # state-dependent nodes BPTT reads (stored over T even in minimal runs)
+    aliases: dict[int, int] = field(default_factory=dict)  # static group -> dynamic group sharing its adjoint
+    x_elementwise: bool = False  # some elementwise node reads the input directly (its gradient is then always computed)
     content_hash: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -268,8 +271,28 @@ class _Gen:
                           if all(r[0] != "@" and self.op_of.get(r) == self.op_of[nm] for r in self.readers.get(nm, []))
                           and self.readers.get(nm)}
         self.A = {nm: f"A{k}" for k, nm in enumerate(n for n in self.nodes if n not in self.local_adj)}
+        # a static group whose members' adjoints equal a dynamic group's member by member (each pair
+        # read only by the same owner, with the same partial: tanh(W h + U x + b)) shares its
+        # adjoint buffer: one array for both weight gradients, as the algebra allows
+        self.alias: dict[int, Group] = {}
+        for gs in sgroups:
+            for gd in dgroups:
+                if gd in self.alias.values() or len(gs.members) != len(gd.members) or gs.rows != gd.rows:
+                    continue
+                if all(self._sole_reader(a) is not None and self._sole_reader(a) == self._sole_reader(b)
+                       for a, b in zip(gs.members, gd.members)):
+                    self.alias[gs.index] = gd
+                    break
         self.QA = {nm: f"QA{k}" for k, nm in enumerate(n for n in self.static_nodes if n not in self.local_adj)}
         self.max_temps = 0
+
+    def _sole_reader(self, nm: str) -> tuple[str, sympy.Expr] | None:
+        """The only reader of ``nm`` and the partial with respect to ``nm``, if the reader is elementwise."""
+        rd = self.readers.get(nm, [])
+        if len(rd) != 1 or rd[0].startswith("@"):
+            return None
+        part = dict(self.items[rd[0]].partials).get(nm)
+        return None if part is None else (rd[0], part)
 
     # ------------------------------------------------------------------ schedule
     def _schedule(self, items: list[_Item], avail: set[str], static: bool) -> tuple[list[_Op], list[Group]]:
@@ -447,6 +470,8 @@ class _Gen:
         if nm in self.group_of:
             g, off = self.group_of[nm]
             R = self.R(g)
+            if g.static and g.index in self.alias:
+                return None  # the same adjoint is stored once, in the dynamic twin's buffer
             if g.static:
                 return ("step", fn.ptr(f"YA{g.index}", f"c.YA{g.index}" + (tB + "c." + R if tB else "")), R, off)  # type: ignore[return-value]
             return ("step", fn.ptr(f"L{g.index}", f"c.L{g.index} + t*B*c.{R}"), R, off)  # type: ignore[return-value]
@@ -461,7 +486,8 @@ class _Gen:
             return self.N[nm]
         return self.Q[nm]
 
-    def bwd_function(self, name: str, op: _Op, static: bool, written: set[str]) -> tuple[str, str]:
+    def bwd_function(self, name: str, op: _Op, static: bool, written: set[str],
+                     colsums: list[tuple[str, str, str, str, Dim]] | None = None) -> tuple[str, str]:
         fn = _Fn()
         ctx = "static" if static else "bwd"
         d = op.dim
@@ -496,10 +522,23 @@ class _Gen:
             body.append(f"            # pull back {it.name}")
             body.append(f"            a = {a_code}")
             body += [f"            {s.name} = {self.code(e)}" for s, e in repl]
-            for (src, _), e in zip(parts, red):
+            codes = [self.code(e) for e in red]
+            # a vector parameter whose contribution equals what is stored for a sibling read only by
+            # this owner (b in tanh(W h + U x + b) and the adjoint of W h): its gradient is the column
+            # sum of that stored adjoint over all T*B rows, after the loop, not a sum inside it
+            twins: dict[str, tuple[str, str, str]] = {}
+            if colsums is not None:
+                for (src, _), c in zip(parts, codes):
+                    tgt = self.adj_target(src, _Fn(), ctx)
+                    if tgt is not None and tgt[0] == "step" and re.fullmatch(r"(L|YA|QA)\d+", tgt[1]) \
+                            and len(self.readers.get(src, [])) == 1 and self.dim_of[src] == d:
+                        twins.setdefault(c, (tgt[1], tgt[2], tgt[3]))
+            for (src, _), e, c in zip(parts, red, codes):
                 kind, ptr, ld, off = self.adj_target(src, fn, ctx)  # type: ignore[misc]
                 sdim = self.dim_of[src]
-                c = self.code(e)
+                if kind == "acc" and ld == "0" and sdim == d and c in twins and colsums is not None:
+                    colsums.append((ptr, *twins[c], sdim))
+                    continue
                 if kind == "local":
                     if ptr in first_in_body:
                         body.append(f"            {ptr} += {c}")
@@ -726,11 +765,12 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
         else:
             calls_df.append(op)  # type: ignore[arg-type]
     written: set[str] = set()
+    colsums: list[tuple[str, str, str, str, Dim]] = []
     calls_db: list[Any] = []
     for k in reversed(range(len(G.dyn_ops))):
         op = G.dyn_ops[k]
         if op.kind == "loop":
-            f, call = G.bwd_function(f"bw{k}", op, static=False, written=written)
+            f, call = G.bwd_function(f"bw{k}", op, static=False, written=written, colsums=colsums)
             funcs.append(f)
             calls_db.append(call)
         else:
@@ -828,7 +868,8 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
             fwd.append(f"        {it}")
 
     bwd: list[str] = []
-    bwd.append("    memset(c.GX, 0, sizeof(real)*c.T*c.B*c." + D[xdim] + ")")
+    bwd.append("    if c.GX != NULL:  # the input gradient is optional (not needed to train)")
+    bwd.append("        memset(c.GX, 0, sizeof(real)*c.T*c.B*c." + D[xdim] + ")")
     for nm, code in G.P.items():
         dd = G.shape_of[nm][0]
         bwd.append(f"    memset(c.G{code}, 0, sizeof(real)*{('c.' + D[dd]) if dd != 1 else '1'})")
@@ -866,6 +907,9 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     for k, s in enumerate(G.states):
         bwd.append(f"    if ca{k} != c.CA{k}:")
         bwd.append(f"        memcpy(c.CA{k}, ca{k}, sizeof(real)*c.B*c.{D[G.dim_of[s]]})")
+    for gp, buf, ld, off, dd in colsums:
+        offc = "" if off == "0" else " + " + _cexpr(off)
+        bwd.append(f"    colsum(c.T*c.B, {G.cD(dd)}, c.{buf}{offc}, {'c.' + ld if ld != '1' else '1'}, c.{gp})")
     bwd.append("    # weight gradients: one product over T*B rows per group")
     for g in G.dgroups:
         sp, ld = src_ptr(g.source, False, "0")
@@ -879,13 +923,16 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
             g, tgt, beta = it
             sp, ld = src_ptr(g.source, True, "0")
             c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
-            bwd.append(f"    mm(1, 0, c.RS{g.index}, {c_}, c.T*c.B, 1, c.YA{g.index}, c.RS{g.index}, {sp}, {ld}, 0, c.GU{g.index}, {c_})")
+            ya, yld = (f"c.L{G.alias[g.index].index}", f"c.R{G.alias[g.index].index}") if g.index in G.alias else \
+                (f"c.YA{g.index}", f"c.RS{g.index}")
+            bwd.append(f"    mm(1, 0, c.RS{g.index}, {c_}, c.T*c.B, 1, {ya}, {yld}, {sp}, {ld}, 0, c.GU{g.index}, {c_})")
             if tgt is not None:
                 caller = {"GX": "c.GX"}
                 caller.update({v: f"c.{v}" for v in G.QA.values()})
                 caller.update({f"YA{gg.index}": f"c.YA{gg.index}" for gg in G.sgroups})
                 tp, tld = tgt_ptr(tgt, caller)
-                bwd.append(f"    mm(0, 0, c.T*c.B, {c_}, c.RS{g.index}, 1, c.YA{g.index}, c.RS{g.index}, c.U{g.index}, {c_}, {beta}, {tp}, {tld})")
+                guard = "if c.GX != NULL: " if tp == "c.GX" else ""
+                bwd.append(f"    {guard}mm(0, 0, c.T*c.B, {c_}, c.RS{g.index}, 1, {ya}, {yld}, c.U{g.index}, {c_}, {beta}, {tp}, {tld})")
         else:
             bwd.append(f"    {it}")
 
@@ -1020,17 +1067,33 @@ cdef bint all_finite(const real* p, Py_ssize_t n) noexcept nogil:
 
 cdef void small_mm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, rp A, Py_ssize_t lda,
                    rp Bm, Py_ssize_t ldb, real beta, rp C, Py_ssize_t ldc) noexcept nogil:
-    # row-major C = alpha A B + beta C (beta 0 or 1), rows of C updated as axpys
+    # row-major C = alpha A B + beta C (beta 0 or 1): rows of C updated by axpys over four rows of
+    # B at a time, so each element of C is loaded and stored K/4 times, not K times
     cdef Py_ssize_t r, k, j
-    cdef real s
+    cdef real s0, s1, s2, s3
+    cdef rp c
+    cdef rp b0
     for r in range(M):
+        c = C + r*ldc
         if beta == 0:
             for j in range(N):
-                C[r*ldc + j] = 0
-        for k in range(K):
-            s = alpha*A[r*lda + k]
+                c[j] = 0
+        k = 0
+        while k + 4 <= K:
+            s0 = alpha*A[r*lda + k]
+            s1 = alpha*A[r*lda + k + 1]
+            s2 = alpha*A[r*lda + k + 2]
+            s3 = alpha*A[r*lda + k + 3]
+            b0 = Bm + k*ldb
             for j in range(N):
-                C[r*ldc + j] += s*Bm[k*ldb + j]
+                c[j] += s0*b0[j] + s1*b0[ldb + j] + s2*b0[2*ldb + j] + s3*b0[3*ldb + j]
+            k += 4
+        while k < K:
+            s0 = alpha*A[r*lda + k]
+            b0 = Bm + k*ldb
+            for j in range(N):
+                c[j] += s0*b0[j]
+            k += 1
 
 
 cdef void mm(bint ta, bint tb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, real* A, Py_ssize_t lda,
@@ -1052,6 +1115,14 @@ cdef void transpose(Py_ssize_t R, Py_ssize_t C, const real* A, real* AT) noexcep
     for r in range(R):
         for j in range(C):
             AT[j*R + r] = A[r*C + j]
+
+
+cdef void colsum(Py_ssize_t rows, Py_ssize_t n, const real* A, Py_ssize_t lda, real* out) noexcept nogil:
+    # out += the column sums of the rows x n block A (leading dimension lda)
+    cdef Py_ssize_t r, j
+    for r in range(rows):
+        for j in range(n):
+            out[j] += A[r*lda + j]
 
 
 cdef void axpy(Py_ssize_t n, real s, const real* x, real* y) noexcept nogil:
@@ -1148,7 +1219,9 @@ cdef int _checked(Ctx* c, const long long* sz, int what) noexcept nogil:
     source = source.replace("# content hash: (pending)", f"# content hash: {h}")
     source = source.replace('CONTENT_HASH = "(pending)"', f'CONTENT_HASH = "{h}"')
     return GeneratedSource(source, slots, ints, G.sgroups + G.dgroups, G.dims, G.states, G.nodes, G.static_nodes,
-                           G.needed, content_hash=h, extra={"n_inputs": n_inputs, "state_slots": state_idx})
+                           G.needed, aliases={k: g.index for k, g in G.alias.items()},
+                           x_elementwise=any(src == G.xname for it in G.items.values() for src, _ in it.partials),
+                           content_hash=h, extra={"n_inputs": n_inputs, "state_slots": state_idx})
 
 
 def _header(cell: Cell, dt: np.dtype) -> str:

@@ -36,7 +36,8 @@ class _Run:
     def __init__(self, k: "CompiledKernel", params: Mapping[str, np.ndarray], x: np.ndarray, h0: Mapping[str, np.ndarray],
                  sizes: Mapping[Dim, int], *, store_all: bool, loss: Loss | None, cots: Mapping[str, np.ndarray] | None,
                  backward: bool, pool: dict[Any, np.ndarray] | None = None,
-                 tangents: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], np.ndarray] | None = None) -> None:
+                 tangents: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], np.ndarray] | None = None,
+                 x_grad: bool = True) -> None:
         g = k.generated
         dt = k.dtype
         T, B, _ = x.shape
@@ -103,6 +104,10 @@ class _Run:
                 a = empty(sl, shape(sl) if full else (B, sizes[sl.shape[-1]]))
             elif sl.role == "group":
                 a = empty(sl, shape(sl) if group_stored[sl.key.index] else shape(sl)[1:])
+            elif sl.role == "static_group_adj" and sl.key.index in g.aliases:
+                a = None  # shares the dynamic twin's adjoint buffer
+            elif sl.role == "grad_x" and not x_grad and not g.x_elementwise:
+                a = None
             elif sl.role in bwd_roles:
                 a = empty(sl, shape(sl)) if backward else None
             elif sl.role == "grad_V":
@@ -151,6 +156,7 @@ class _Run:
             elif it[0] == "has_cot":
                 iv.append(1 if cots is not None else 0)
         self.iv = np.array(iv, dtype=np.longlong)
+        self.x_grad = x_grad
         self.addr = (self.ptr.ctypes.data, self.iv.ctypes.data, self.sz.ctypes.data)
         self.what = FORWARD | (BACKWARD if backward else 0) | (JVP if tangents is not None else 0) | \
             (0 if loss is None else (LOSS_STEP if step else LOSS_LAST))
@@ -257,7 +263,7 @@ class CompiledKernel(ReferenceKernel):
                 grads[sl.key] = a.reshape(()).copy() if sl.shape == (1,) else a  # type: ignore[union-attr]
         grads = {p.name: grads[p.name] for p in self.cell.params}
         h0 = {s: arr[f"CA{k}"] for k, s in enumerate(g.states)}
-        return Gradients(grads, h0, arr["GX"])  # type: ignore[arg-type]
+        return Gradients(grads, h0, arr["GX"] if run.x_grad else None)  # type: ignore[arg-type]
 
     def backward(self, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any = None, *, loss: Loss) -> Gradients:
         """Full BPTT (one compiled call): the loss value and its gradient w.r.t. every parameter, ``h0``, ``x`` and the readout."""
@@ -292,12 +298,15 @@ class CompiledKernel(ReferenceKernel):
         run()
         return {s: run.arrays[f"TS{k}"][1:] for k, s in enumerate(self.generated.states)}  # type: ignore[index]
 
-    def prepare(self, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any = None, *, loss: Loss) -> "PreparedStep":
+    def prepare(self, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any = None, *, loss: Loss,
+                x_grad: bool = False) -> "PreparedStep":
         """Bind arrays once for repeated forward + loss + BPTT calls (a training loop).
 
         The arrays are checked now (shapes, dtype, layout) and bound *by reference*:
         update them in place between calls (``W -= lr * g``, ``x[...] = batch``) and each
-        call sees their current contents; NaN/inf are detected on every call.
+        call sees their current contents; NaN/inf are detected on every call.  The gradient
+        with respect to the inputs is computed only with ``x_grad=True`` (``grads.x`` is
+        None otherwise).
         """
         params_c, x_c, h0d, sizes = self._check(params, x, h0)
         if not isinstance(loss, (LastMSE, StepMSE)):
@@ -307,7 +316,8 @@ class CompiledKernel(ReferenceKernel):
         for nm, a in params_c.items():
             if a is not params[nm] and not (isinstance(params[nm], np.ndarray) and np.shares_memory(a, params[nm])):
                 raise CellSpecError(f"params[{nm!r}] must be a numpy array (prepare binds it by reference)")
-        return PreparedStep(self, _Run(self, params_c, x_c, h0d, sizes, store_all=False, loss=loss, cots=None, backward=True), sizes)
+        return PreparedStep(self, _Run(self, params_c, x_c, h0d, sizes, store_all=False, loss=loss, cots=None, backward=True,
+                                       x_grad=x_grad), sizes)
 
     def __repr__(self) -> str:
         return f"<CompiledKernel {self.cell.name!r} {self.dtype}>"
@@ -326,7 +336,8 @@ class PreparedStep:
         self._run = run
         self._sizes = sizes
         self._call = kernel.module.run
-        self.grads = kernel._gradients(run, sizes)
+        with np.errstate(all="ignore"):  # the output buffers are not written yet
+            self.grads = kernel._gradients(run, sizes)
         self.grads.readout = {"V": run.arrays["GV"]}  # type: ignore[dict-item]
         # matrices that appear in one group only are views of the stacked gradients; others are summed per call
         seen: dict[str, int] = {}

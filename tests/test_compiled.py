@@ -155,7 +155,8 @@ def test_prepared_step_equals_backward_and_sees_in_place_updates() -> None:
     cell, prob, p, x, h0, V, y = _vg_problem()
     k = sg.compile(cell, "float64")
     loss = sg.losses.last_mse(V, y)
-    step = k.prepare(p, x, h0, loss=loss)
+    step = k.prepare(p, x, h0, loss=loss, x_grad=True)
+    assert k.prepare(p, x, h0, loss=loss).grads.x is None  # the input gradient only on request
     for it in range(3):
         value = step()
         g = k.backward(p, x, h0, loss=loss)
