@@ -85,17 +85,35 @@ def _lambdify(expr: sympy.Expr) -> tuple[Callable[..., Any], tuple[str, ...]]:
 
 @dataclass
 class _Step:
-    """One owner (node or output) in evaluation order."""
+    """One owner (node or output) in evaluation order.
+
+    ``expr`` and ``pexprs`` (the local partials) are SymPy; their numpy functions
+    (``value``, ``partials``) are lambdified on first use only, so kernels that never run
+    the numpy loops (compiled kernels) do not pay for it."""
 
     name: str
     kind: str  # "fn" | "arith" | "linear" | "out"
     dim: Dim
     static: bool
-    value: tuple[Callable[..., Any], tuple[str, ...]] | None = None
-    partials: list[tuple[str, Dim, Callable[..., Any], tuple[str, ...]]] = field(default_factory=list)
+    expr: sympy.Expr | None = None
+    pexprs: list[tuple[str, Dim, sympy.Expr]] = field(default_factory=list)
     matrix: str | None = None
     source: str | None = None
     state: str | None = None
+    _value: tuple[Callable[..., Any], tuple[str, ...]] | None = None
+    _partials: list[tuple[str, Dim, Callable[..., Any], tuple[str, ...]]] | None = None
+
+    @property
+    def value(self) -> tuple[Callable[..., Any], tuple[str, ...]] | None:
+        if self._value is None and self.expr is not None:
+            self._value = _lambdify(self.expr)
+        return self._value
+
+    @property
+    def partials(self) -> list[tuple[str, Dim, Callable[..., Any], tuple[str, ...]]]:
+        if self._partials is None:
+            self._partials = [(name, dim, *_lambdify(e)) for name, dim, e in self.pexprs]
+        return self._partials
 
 
 def _evaluate(st: _Step, vals: Mapping[str, Any], params: Mapping[str, np.ndarray]) -> Any:
@@ -166,15 +184,13 @@ class ReferenceKernel:
             if nd.kind == "linear":
                 st.matrix, st.source = nd.matrix, nd.source.name  # type: ignore[union-attr]
             else:
-                st.value = _lambdify(nd.expr)
-                for sym, p in lp.partials[Owner(nd.symbol)].items():
-                    st.partials.append((sym.name, sym.dim, *_lambdify(p)))
+                st.expr = nd.expr
+                st.pexprs = [(sym.name, sym.dim, p) for sym, p in lp.partials[Owner(nd.symbol)].items()]
             steps.append(st)
         for i, s in enumerate(cell.states):
             st = _Step(s.name + "'", "out", s.dim, False, state=s.name)
-            st.value = _lambdify(cell.outputs[i])
-            for sym, p in lp.partials[Owner(None, i)].items():
-                st.partials.append((sym.name, sym.dim, *_lambdify(p)))
+            st.expr = cell.outputs[i]
+            st.pexprs = [(sym.name, sym.dim, p) for sym, p in lp.partials[Owner(None, i)].items()]
             steps.append(st)
         return steps
 
