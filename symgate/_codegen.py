@@ -76,6 +76,13 @@ class KernelPrinter(C99CodePrinter):
         lit = f"{int(r.p)}.0/{int(r.q)}.0"
         return f"(<real>({lit}))" if self._single else f"({lit})"
 
+    def _print_Integer(self, k: Any) -> str:  # noqa: N802
+        # Cython writes an integer literal next to a float as a double literal (1 -> 1.0), which
+        # would promote float32 arithmetic to double: give integers the kernel's real type
+        return f"(<real>{int(k)})" if self._single else super()._print_Integer(k)
+
+    _print_One = _print_Zero = _print_NegativeOne = _print_Integer  # noqa: N815
+
     def _print_Symbol(self, s: sympy.Symbol) -> str:  # noqa: N802
         if s in self.access:
             return self.access[s]
@@ -694,6 +701,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
         slot(code, "static", nm, ("T", "B", G.dim_of[nm]))
     for g in G.sgroups:
         slot(f"U{g.index}", "stack", g, (("RS", g.index), g.cols))
+        slot(f"UT{g.index}", "stack_t", g, (g.cols, ("RS", g.index)))  # scratch for the weight gradient
         slot(f"Y{g.index}", "static_group", g, ("T", "B", ("RS", g.index)))
     for g in G.dgroups:
         slot(f"W{g.index}", "stack", g, (("R", g.index), g.cols))
@@ -916,7 +924,10 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
         if g.source in G.N:
             ld = f"c.{D[G.dim_of[g.source]]}"
         c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
-        bwd.append(f"    mm(1, 0, c.R{g.index}, {c_}, c.T*c.B, 1, c.L{g.index}, c.R{g.index}, {sp}, {ld}, 0, c.GW{g.index}, {c_})")
+        # as the transpose (source^T adjoint: the long adjoint array is BLAS's untransposed operand,
+        # measured faster), into the free transposed-weights buffer, then transposed into place
+        bwd.append(f"    mm(1, 0, {c_}, c.R{g.index}, c.T*c.B, 1, {sp}, {ld}, c.L{g.index}, c.R{g.index}, 0, c.WT{g.index}, c.R{g.index})")
+        bwd.append(f"    transpose({c_}, c.R{g.index}, c.WT{g.index}, c.GW{g.index})")
     bwd.append("    # state-independent part, all steps at once")
     for it in calls_sb:
         if isinstance(it, tuple):
@@ -925,7 +936,8 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
             c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
             ya, yld = (f"c.L{G.alias[g.index].index}", f"c.R{G.alias[g.index].index}") if g.index in G.alias else \
                 (f"c.YA{g.index}", f"c.RS{g.index}")
-            bwd.append(f"    mm(1, 0, c.RS{g.index}, {c_}, c.T*c.B, 1, {ya}, {yld}, {sp}, {ld}, 0, c.GU{g.index}, {c_})")
+            bwd.append(f"    mm(1, 0, {c_}, c.RS{g.index}, c.T*c.B, 1, {sp}, {ld}, {ya}, {yld}, 0, c.UT{g.index}, c.RS{g.index})")
+            bwd.append(f"    transpose({c_}, c.RS{g.index}, c.UT{g.index}, c.GU{g.index})")
             if tgt is not None:
                 caller = {"GX": "c.GX"}
                 caller.update({v: f"c.{v}" for v in G.QA.values()})
@@ -1034,7 +1046,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     body = f"""
 from libc.math cimport tanh{f}, exp{f}, log{f}, log1p{f}, pow{f}, sqrt{f}, fabs{f}
 from libc.string cimport memcpy, memset
-from libc.stdint cimport {bits}
+from libc.stdint cimport {bits}{', uint64_t' if bits != 'uint64_t' else ''}
 from scipy.linalg.cython_blas cimport {gemm}
 
 ctypedef {rt} real
@@ -1047,12 +1059,16 @@ cdef extern from *:
 
 cdef inline real sg_sigmoid(real u) noexcept nogil:
     # exp of a non-positive number only (no overflow); branch-free, so loops vectorise
+    # (literals typed as real: Cython writes a bare 1 as the double 1.0, promoting float32 to double)
+    cdef real one = 1, zero = 0
     cdef real e = exp{f}(-fabs{f}(u))
-    return (1 / (1 + e)) if u >= 0 else (e / (1 + e))
+    cdef real r = one / (one + e)
+    return r if u >= zero else e*r
 
 
 cdef inline real sg_softplus(real u) noexcept nogil:
-    return (u if u > 0 else 0) + log1p{f}(exp{f}(-fabs{f}(u)))
+    cdef real zero = 0
+    return (u if u > zero else zero) + log1p{f}(exp{f}(-fabs{f}(u)))
 
 
 cdef bint all_finite(const real* p, Py_ssize_t n) noexcept nogil:
@@ -1063,6 +1079,12 @@ cdef bint all_finite(const real* p, Py_ssize_t n) noexcept nogil:
         memcpy(&u, &p[k], sizeof(real))
         bad |= <{bits}>((u & {expmask}) == {expmask})
     return bad == 0
+
+
+cdef bint finite_double(double v) noexcept nogil:
+    cdef uint64_t u
+    memcpy(&u, &v, sizeof(double))
+    return (u & 0x7ff0000000000000ULL) != 0x7ff0000000000000ULL
 
 
 cdef void small_mm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, rp A, Py_ssize_t lda,
@@ -1206,11 +1228,13 @@ cdef int _checked(Ctx* c, const long long* sz, int what) noexcept nogil:
         loss(c, 0)
     if what & {LOSS_STEP}:
         loss(c, 1)
-    if what & {BACKWARD}:
-        backward(c)
-    if what & {JVP}:
+    if what & {LOSS_LAST | LOSS_STEP} and not finite_double(c.LOSS[0]):
+        return -1
+    if what & {JVP}:  # before BPTT, which reuses the transposed-weights buffers as scratch
         jvp(c)
 {chr(10).join(f"        if not all_finite(c.TS{k} + c.T*c.B*c.{D[G.dim_of[st]]}, c.B*c.{D[G.dim_of[st]]}):{chr(10)}            return -1" for k, st in enumerate(G.states))}
+    if what & {BACKWARD}:
+        backward(c)
 {chr(10).join(f"        if c.{slots[k].code} != NULL and not all_finite(c.{slots[k].code}, sz[{k}]):{chr(10)}            return -1" for k in out_idx)}
     return 0
 """

@@ -120,7 +120,7 @@ def test_generated_identifiers_never_carry_user_names() -> None:
         return nogate
 
     src = sg.compile(with_odd_names, "float64").source
-    code_lines = [ln for ln in src.splitlines() if not ln.lstrip().startswith("#")]
+    code_lines = [ln.split("#")[0] for ln in src.splitlines()]  # code without its comments
     for name in ("weights", "inp", "nogate", "with_odd_names"):
         assert all(re.search(rf"\b{name}\b", ln) is None for ln in code_lines), name
 
@@ -261,3 +261,16 @@ def test_kernels_falls_back_to_reference_without_a_compiler(monkeypatch: pytest.
     with pytest.warns(sg.SymgateWarning, match="numpy reference"):
         k = sg.kernels(needs_a_compiler)
     assert k.backend == "numpy-reference"
+
+
+def test_overflow_in_the_loss_or_gradients_is_an_error() -> None:
+    """Finite states, but a readout so large that the loss and the gradients overflow."""
+    cell, prob, p, x, h0, V, y = _vg_problem()
+    k = sg.compile(cell, "float64")
+    k.forward(p, x, h0)  # the forward pass alone is fine
+    huge = sg.losses.last_mse(np.full_like(V, 1e200), y)
+    with pytest.raises(sg.NumericalError):
+        k.backward(p, x, h0, loss=huge)
+    step = k.prepare(p, x, h0, loss=huge)
+    with pytest.raises(sg.NumericalError):
+        step()
