@@ -140,7 +140,6 @@ class GeneratedSource:
     aliases: dict[int, int] = field(default_factory=dict)  # static group -> dynamic group sharing its adjoint
     x_elementwise: bool = False  # some elementwise node reads the input directly (its gradient is then always computed)
     content_hash: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -1040,7 +1039,6 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     out_codes = ["GX", "GV"] + [f"CA{k}" for k in range(len(G.states))] + [f"GW{g.index}" for g in G.dgroups] + \
         [f"GU{g.index}" for g in G.sgroups] + ["G" + v for v in G.P.values()] + ["G" + v for v in G.p.values()]
     out_idx = [next(k for k, s in enumerate(slots) if s.code == oc) for oc in out_codes]
-    state_idx = [next(k for k, s in enumerate(slots) if s.code == f"S{j}") for j in range(len(G.states))]
     temps_line = ", ".join(["tmp"] + [f"ca{k}, cn{k}" for k in range(len(G.states))])
     header = _header(cell, dt)
     body = f"""
@@ -1245,7 +1243,7 @@ cdef int _checked(Ctx* c, const long long* sz, int what) noexcept nogil:
     return GeneratedSource(source, slots, ints, G.sgroups + G.dgroups, G.dims, G.states, G.nodes, G.static_nodes,
                            G.needed, aliases={k: g.index for k, g in G.alias.items()},
                            x_elementwise=any(src == G.xname for it in G.items.values() for src, _ in it.partials),
-                           content_hash=h, extra={"n_inputs": n_inputs, "state_slots": state_idx})
+                           content_hash=h)
 
 
 def _header(cell: Cell, dt: np.dtype) -> str:
