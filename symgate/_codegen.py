@@ -1087,32 +1087,63 @@ cdef bint finite_double(double v) noexcept nogil:
 
 cdef void small_mm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, rp A, Py_ssize_t lda,
                    rp Bm, Py_ssize_t ldb, real beta, rp C, Py_ssize_t ldc) noexcept nogil:
-    # row-major C = alpha A B + beta C (beta 0 or 1): rows of C updated by axpys over four rows of
-    # B at a time, so each element of C is loaded and stored K/4 times, not K times
+    # row-major C = alpha A B + beta C (beta 0 or 1) for small products: blocks of two rows of C
+    # are updated by four rows of B at a time, so each loaded row of B serves two rows of C and
+    # each element of C is loaded and stored K/4 times
     cdef Py_ssize_t r, k, j
-    cdef real s0, s1, s2, s3
-    cdef rp c
+    cdef real a0, a1, a2, a3, e0, e1, e2, e3
+    cdef rp c0
+    cdef rp c1
     cdef rp b0
-    for r in range(M):
-        c = C + r*ldc
-        if beta == 0:
+    if beta == 0:
+        for r in range(M):
             for j in range(N):
-                c[j] = 0
+                C[r*ldc + j] = 0
+    r = 0
+    while r + 2 <= M:
+        c0 = C + r*ldc
+        c1 = c0 + ldc
         k = 0
         while k + 4 <= K:
-            s0 = alpha*A[r*lda + k]
-            s1 = alpha*A[r*lda + k + 1]
-            s2 = alpha*A[r*lda + k + 2]
-            s3 = alpha*A[r*lda + k + 3]
+            a0 = alpha*A[r*lda + k]
+            a1 = alpha*A[r*lda + k + 1]
+            a2 = alpha*A[r*lda + k + 2]
+            a3 = alpha*A[r*lda + k + 3]
+            e0 = alpha*A[(r + 1)*lda + k]
+            e1 = alpha*A[(r + 1)*lda + k + 1]
+            e2 = alpha*A[(r + 1)*lda + k + 2]
+            e3 = alpha*A[(r + 1)*lda + k + 3]
             b0 = Bm + k*ldb
             for j in range(N):
-                c[j] += s0*b0[j] + s1*b0[ldb + j] + s2*b0[2*ldb + j] + s3*b0[3*ldb + j]
+                c0[j] += a0*b0[j] + a1*b0[ldb + j] + a2*b0[2*ldb + j] + a3*b0[3*ldb + j]
+                c1[j] += e0*b0[j] + e1*b0[ldb + j] + e2*b0[2*ldb + j] + e3*b0[3*ldb + j]
             k += 4
         while k < K:
-            s0 = alpha*A[r*lda + k]
+            a0 = alpha*A[r*lda + k]
+            e0 = alpha*A[(r + 1)*lda + k]
             b0 = Bm + k*ldb
             for j in range(N):
-                c[j] += s0*b0[j]
+                c0[j] += a0*b0[j]
+                c1[j] += e0*b0[j]
+            k += 1
+        r += 2
+    if r < M:
+        c0 = C + r*ldc
+        k = 0
+        while k + 4 <= K:
+            a0 = alpha*A[r*lda + k]
+            a1 = alpha*A[r*lda + k + 1]
+            a2 = alpha*A[r*lda + k + 2]
+            a3 = alpha*A[r*lda + k + 3]
+            b0 = Bm + k*ldb
+            for j in range(N):
+                c0[j] += a0*b0[j] + a1*b0[ldb + j] + a2*b0[2*ldb + j] + a3*b0[3*ldb + j]
+            k += 4
+        while k < K:
+            a0 = alpha*A[r*lda + k]
+            b0 = Bm + k*ldb
+            for j in range(N):
+                c0[j] += a0*b0[j]
             k += 1
 
 
