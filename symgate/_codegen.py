@@ -979,35 +979,35 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
             return (f"c.T{G.Q[nm]} + {t}*c.B*c.{d}" if t != "0" else f"c.T{G.Q[nm]}"), f"c.{d}"
         return f"c.T{G.N[nm]}", f"c.{d}"
 
-    for k, op in enumerate(G.static_ops):
-        if op.kind == "loop":
-            f_, call = G.jvp_function(f"sjv{k}", op, static=True)
-            funcs.append(f_)
-            jv.append(f"    {call}")
-        else:
+    def jvp_ops(ops: list[_Op], static: bool) -> list[str]:
+        """Tangent code for the state-independent part (all T*B rows) or one time step."""
+        ind, rows, t = ("    ", "c.T*c.B", "0") if static else ("        ", "B", "t")
+        out = []
+        for k, op in enumerate(ops):
+            if op.kind == "loop":
+                f_, call = G.jvp_function(f"{'s' if static else ''}jv{k}", op, static=static)
+                funcs.append(f_)
+                out.append(f"{ind}{call}")
+                continue
             g = op.group
             assert g is not None
-            sp, ld = src_ptr(g.source, True, "0")
-            tp_, tld = tan_src_ptr(g.source, "0")  # type: ignore[misc]
+            sp, ld = src_ptr(g.source, static, t)
+            tp_, tld = tan_src_ptr(g.source, t)  # type: ignore[misc]
             c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
-            jv.append(f"    mm(0, 1, c.T*c.B, c.RS{g.index}, {c_}, 1, {tp_}, {tld}, c.U{g.index}, {c_}, 0, c.TY{g.index}, c.RS{g.index})")
-            jv.append(f"    mm(0, 1, c.T*c.B, c.RS{g.index}, {c_}, 1, {sp}, {ld}, c.TU{g.index}, {c_}, 1, c.TY{g.index}, c.RS{g.index})")
+            # tangent of (stacked M) @ v = M @ (tangent of v) + (tangent of M) @ v
+            if static:
+                w, tw, tb, ldw, out_, R = f"c.U{g.index}", f"c.TU{g.index}", 1, c_, f"c.TY{g.index}", f"c.RS{g.index}"
+            else:
+                w, tw, tb, ldw, out_, R = f"c.WT{g.index}", f"c.TWT{g.index}", 0, f"c.R{g.index}", f"c.TZ{g.index}", f"c.R{g.index}"
+            out.append(f"{ind}mm(0, {tb}, {rows}, {R}, {c_}, 1, {tp_}, {tld}, {w}, {ldw}, 0, {out_}, {R})")
+            out.append(f"{ind}mm(0, {tb}, {rows}, {R}, {c_}, 1, {sp}, {ld}, {tw}, {ldw}, 1, {out_}, {R})")
+        return out
+
+    jv += jvp_ops(G.static_ops, True)
     for k, s_ in enumerate(G.states):
         jv.append(f"    memcpy(c.TS{k}, c.TH{k}, sizeof(real)*c.B*c.{D[G.dim_of[s_]]})")
     jv.append("    for t in range(T):")
-    for k, op in enumerate(G.dyn_ops):
-        if op.kind == "loop":
-            f_, call = G.jvp_function(f"jv{k}", op, static=False)
-            funcs.append(f_)
-            jv.append(f"        {call}")
-        else:
-            g = op.group
-            assert g is not None
-            sp, ld = src_ptr(g.source, False, "t")
-            tp_, tld = tan_src_ptr(g.source, "t")  # type: ignore[misc]
-            c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
-            jv.append(f"        mm(0, 0, B, c.R{g.index}, {c_}, 1, {tp_}, {tld}, c.WT{g.index}, c.R{g.index}, 0, c.TZ{g.index}, c.R{g.index})")
-            jv.append(f"        mm(0, 0, B, c.R{g.index}, {c_}, 1, {sp}, {ld}, c.TWT{g.index}, c.R{g.index}, 1, c.TZ{g.index}, c.R{g.index})")
+    jv += jvp_ops(G.dyn_ops, False)
 
     # ---------------------------------------------------------------- module text
     rt = "float" if dt == np.float32 else "double"
