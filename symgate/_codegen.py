@@ -365,10 +365,12 @@ class _Gen:
             idx += f" + {i}"
         return f"{ptr}[{idx}]"
 
-    def value_access(self, nm: str, fn: _Fn, ctx: str, locals_: dict[str, str]) -> str:
-        """Code reading the value of ``nm`` at row ``b``, unit ``i``.
+    def value_access(self, nm: str, fn: _Fn, ctx: str, locals_: dict[str, str], tangent: bool = False) -> Any:
+        """Code reading the value of ``nm`` (or, with ``tangent``, its tangent) at row ``b``, unit ``i``.
 
         ``ctx`` is ``"static"`` (rows are all T*B), ``"fwd"`` or ``"bwd"`` (rows of step t).
+        Tangent arrays are named like the values with a ``T`` prefix; the tangents of
+        state-dependent nodes and groups are per-step rows, and constants have none (None).
         """
         if nm in locals_:
             return locals_[nm]
@@ -376,27 +378,30 @@ class _Gen:
         D, cD = self.D[d], self.cD(d)
         kind = self.kind_of.get(nm)
         tB = "" if ctx == "static" else " + t*B*"
+        T = "T" if tangent else ""
         if kind == "constant":
-            return self.code(sympy.Float(self.consts[nm]))
+            return None if tangent else self.code(sympy.Float(self.consts[nm]))
         if kind == "vector":
-            return f"{fn.ptr(self.P[nm], 'c.' + self.P[nm])}[{'i' if d != 1 else '0'}]"
+            return f"{fn.ptr(T + self.P[nm], 'c.' + T + self.P[nm])}[{'i' if d != 1 else '0'}]"
         if kind == "scalar":
-            return fn.val(self.p[nm], f"c.{self.p[nm]}[0]")
+            return fn.val(T + self.p[nm], f"c.{T}{self.p[nm]}[0]")
         if kind == "input":
-            return self.at(fn.ptr("X", "c.X" + (tB + cD if tB else "")), D, "0", d)
+            return self.at(fn.ptr(T + "X", f"c.{T}X" + (tB + cD if tB else "")), D, "0", d)
         if kind == "state":
             k = self.states.index(nm)
-            return self.at(fn.ptr(f"S{k}", f"c.S{k} + t*B*{cD}"), D, "0", d)
+            return self.at(fn.ptr(f"{T}S{k}", f"c.{T}S{k} + t*B*{cD}"), D, "0", d)
         if nm in self.group_of:
             g, off = self.group_of[nm]
             R = self.R(g)
             if g.static:
-                return self.at(fn.ptr(f"Y{g.index}", f"c.Y{g.index}" + (tB + "c." + R if tB else "")), R, off, d)
-            return self.at(fn.ptr(f"Z{g.index}", f"c.Z{g.index} + t*c.stZ{g.index}"), R, off, d)
+                return self.at(fn.ptr(f"{T}Y{g.index}", f"c.{T}Y{g.index}" + (tB + "c." + R if tB else "")), R, off, d)
+            step = "" if tangent else f" + t*c.stZ{g.index}"
+            return self.at(fn.ptr(f"{T}Z{g.index}", f"c.{T}Z{g.index}{step}"), R, off, d)
         if nm in self.Q:
-            return self.at(fn.ptr(self.Q[nm], f"c.{self.Q[nm]}" + (tB + cD if tB else "")), D, "0", d)
+            return self.at(fn.ptr(T + self.Q[nm], f"c.{T}{self.Q[nm]}" + (tB + cD if tB else "")), D, "0", d)
         if nm in self.N:
-            return self.at(fn.ptr(self.N[nm], f"c.{self.N[nm]} + t*c.st{self.N[nm]}"), D, "0", d)
+            step = "" if tangent else f" + t*c.st{self.N[nm]}"
+            return self.at(fn.ptr(T + self.N[nm], f"c.{T}{self.N[nm]}{step}"), D, "0", d)
         raise CellSpecError(f"internal: no storage for {nm!r}")  # pragma: no cover
 
     # ------------------------------------------------------------------ forward
@@ -593,32 +598,7 @@ class _Gen:
     # ------------------------------------------------------------------ JVP
     def tangent_access(self, nm: str, fn: _Fn, ctx: str, locals_: dict[str, str]) -> str | None:
         """Code reading the tangent of ``nm`` at row ``b``, unit ``i`` (None: a constant, tangent 0)."""
-        if nm in locals_:
-            return locals_[nm]
-        d = self.dim_of[nm]
-        D, cD = self.D[d], self.cD(d)
-        kind = self.kind_of.get(nm)
-        tB = "" if ctx == "static" else " + t*B*"
-        if kind == "constant":
-            return None
-        if kind == "vector":
-            return f"{fn.ptr('T' + self.P[nm], 'c.T' + self.P[nm])}[{'i' if d != 1 else '0'}]"
-        if kind == "scalar":
-            return fn.val("T" + self.p[nm], f"c.T{self.p[nm]}[0]")
-        if kind == "input":
-            return self.at(fn.ptr("TX", "c.TX" + (tB + cD if tB else "")), D, "0", d)
-        if kind == "state":
-            k = self.states.index(nm)
-            return self.at(fn.ptr(f"TS{k}", f"c.TS{k} + t*B*{cD}"), D, "0", d)
-        if nm in self.group_of:
-            g, off = self.group_of[nm]
-            R = self.R(g)
-            if g.static:
-                return self.at(fn.ptr(f"TY{g.index}", f"c.TY{g.index}" + (tB + "c." + R if tB else "")), R, off, d)
-            return self.at(fn.ptr(f"TZ{g.index}", f"c.TZ{g.index}"), R, off, d)
-        if nm in self.Q:
-            return self.at(fn.ptr("T" + self.Q[nm], f"c.T{self.Q[nm]}" + (tB + cD if tB else "")), D, "0", d)
-        return self.at(fn.ptr("T" + self.N[nm], f"c.T{self.N[nm]}"), D, "0", d)
+        return self.value_access(nm, fn, ctx, locals_, tangent=True)
 
     def jvp_function(self, name: str, op: _Op, static: bool) -> tuple[str, str]:
         """Forward-mode tangents of one fused loop: each owner's tangent is the sum over what it
