@@ -18,6 +18,7 @@ __all__ = [
     "NonFiniteError",
     "NumericalError",
     "VerificationError",
+    "ConfigError",
 ]
 
 
@@ -59,3 +60,7 @@ class NumericalError(SymgateError, FloatingPointError):
 
 class VerificationError(SymgateError, AssertionError):
     """A verification battery found a disagreement beyond its stated tolerance."""
+
+
+class ConfigError(SymgateError, ValueError):
+    """An experiment setting is invalid (unknown task, optimizer or cell; a bad size or rate)."""
