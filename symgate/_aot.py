@@ -20,6 +20,9 @@ __all__ = ["module_name", "builtin_sources", "load"]
 #: dtypes compiled ahead of time
 DTYPES = ("float64", "float32")
 
+#: the paper's models (no biases) used by the experiments, compiled ahead of time in float64
+PAPER_VARIANTS = ("plain", "leaky", "scalar_gate", "vector_gate")
+
 
 def module_name(content_hash: str) -> str:
     """The extension module that holds the kernel with this content hash."""
@@ -37,6 +40,9 @@ def builtin_sources() -> list[tuple[str, str]]:
         for dt in DTYPES:
             g = generate(cell, dt)
             out.append((module_name(g.content_hash), g.source))
+    for name in PAPER_VARIANTS:
+        g = generate(cells.builtin(name, bias=False), "float64")
+        out.append((module_name(g.content_hash), g.source))
     return out
 
 

@@ -226,12 +226,18 @@ def test_builtin_kernels_are_compiled_ahead_of_time() -> None:
     from symgate._aot import builtin_sources, load
     from symgate._codegen import generate
 
-    assert len(builtin_sources()) == 2 * len(sg.cells.BUILTIN)
+    from symgate._aot import PAPER_VARIANTS
+
+    assert len(builtin_sources()) == 2 * len(sg.cells.BUILTIN) + len(PAPER_VARIANTS)
     for name in sorted(sg.cells.BUILTIN):
         for dt in ("float64", "float32"):
             h = generate(cached_builtin(name), dt).content_hash
             assert load(h) is not None, f"no ahead-of-time kernel for {name} {dt} (was the package installed with `pip install`?)"
             assert sg.compile(cached_builtin(name), dt).origin == "ahead-of-time"
+    for name in PAPER_VARIANTS:  # the experiments' bias-free models
+        c = sg.cells.builtin(name, bias=False)
+        assert load(generate(c, "float64").content_hash) is not None, f"no ahead-of-time kernel for {name}(bias=False)"
+        assert sg.compile(c, "float64").origin == "ahead-of-time"
 
 
 @pytest.mark.slow

@@ -181,6 +181,53 @@ def _dense_factor(f: Factor, values: Mapping[str, Any], params: Mapping[str, Any
     return v[:, :, None]
 
 
+def _chain(factors: Sequence[Factor], values: Mapping[str, Any], params: Mapping[str, Any], batch: int,
+           sizes: Mapping[Any, int]) -> tuple[str, Any]:
+    """The product of a chain of factors, kept structured as long as possible.
+
+    Returns ``(kind, value)``: ``"none"`` (empty chain), ``"diag"`` (``(B, d)``, a
+    diagonal), ``"shared"`` (``(r, c)``, the same matrix for every sequence) or
+    ``"dense"`` (``(B, r, c)``).  A dense accumulator times a parameter matrix is one
+    GEMM over all ``B * r`` rows; diagonals are applied by broadcasting.
+    """
+    kind, acc = "none", None
+    for f in factors:
+        if f.kind == "matrix":
+            M = np.asarray(params[f.matrix])
+            if kind == "none":
+                kind, acc = "shared", M
+            elif kind == "diag":
+                kind, acc = "dense", acc[:, :, None] * M[None]
+            elif kind == "shared":
+                acc = matmul(acc, M)
+            else:
+                B_, rr, cc = acc.shape
+                acc = matmul(acc.reshape(B_ * rr, cc), M).reshape(B_, rr, M.shape[1])
+            continue
+        v = np.asarray(_LAMBDIFIED(f.expr, values))  # type: ignore[arg-type]
+        d = sizes[f.rows]
+        v = np.broadcast_to(v, (batch, d)) if v.ndim else np.full((batch, d), v)
+        if f.kind == "diag":
+            if kind == "none":
+                kind, acc = "diag", v
+            elif kind == "diag":
+                acc = acc * v
+            elif kind == "shared":
+                kind, acc = "dense", acc[None] * v[:, None, :]
+            else:
+                acc = acc * v[:, None, :]
+        else:  # a column vector (outer-product factor), (B, d, 1)
+            if kind == "none":
+                kind, acc = "dense", v[:, :, None]
+            elif kind == "diag":
+                kind, acc = "dense", (acc * v)[:, :, None]
+            elif kind == "shared":
+                kind, acc = "dense", matmul(v, acc.T)[:, :, None]
+            else:
+                kind, acc = "dense", np.einsum("brc,bc->br", acc, v)[:, :, None]
+    return kind, acc
+
+
 @dataclass(frozen=True)
 class StructuredJacobian:
     r"""A Jacobian as a sum of origin-tagged chains.
@@ -297,18 +344,22 @@ class StructuredJacobian:
         for t in self.terms:
             coeff = np.asarray(_LAMBDIFIED(t.coefficient, values))
             coeff = coeff.reshape(coeff.shape[0], 1, 1) if coeff.ndim == 2 else coeff
-            mats = [_dense_factor(f, values, params, batch, sizes) for f in t.factors]
-            if not mats:
+            kind, acc = _chain(t.factors, values, params, batch, sizes)
+            if kind == "diag" and r == c and t.factors[0].rows == t.rows and t.factors[-1].cols == t.cols:
+                idx = np.arange(r)
+                out[:, idx, idx] += (coeff[:, :, 0] if np.ndim(coeff) == 3 else coeff) * acc
+                continue
+            if kind == "none":
                 acc = np.broadcast_to(np.eye(r, c, dtype=dtype) if r == c else np.ones((r, c), dtype), (batch, r, c))
-            else:
-                acc = mats[0]
-                for mm in mats[1:]:
-                    acc = matmul(acc, mm)
-                if t.factors[0].rows != t.rows:
-                    acc = matmul(np.ones((1, r, 1), dtype), acc)
-                if t.factors[-1].cols != t.cols:
-                    acc = matmul(acc, np.ones((1, 1, c), dtype))
-            out = out + coeff * acc
+            elif kind == "diag":
+                acc = acc[:, :, None] * np.eye(acc.shape[1], dtype=acc.dtype)[None]
+            elif kind == "shared":
+                acc = acc[None]
+            if t.factors and t.factors[0].rows != t.rows:  # a dimension-1 factor broadcast over rows
+                acc = np.broadcast_to(acc, (acc.shape[0], r, acc.shape[2]))
+            if t.factors and t.factors[-1].cols != t.cols:
+                acc = np.broadcast_to(acc, (acc.shape[0], acc.shape[1], c))
+            out += coeff * acc
         return out
 
     # -- display -------------------------------------------------------------
