@@ -219,7 +219,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         ok &= pok
     print(_table(rows))
     print(f"\n{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - t1:.1f} s")
-    return 0 if ok else 1
+    if args.no_reproduce:
+        return 0 if ok else 1
+    print("\n== quick reproduction of the paper's simulations (S1, S2, appendix; `symgate reproduce all` for the paper's settings)",
+          flush=True)
+    rc = _cmd_reproduce(argparse.Namespace(experiment="all", quick=True, seeds=None, out=args.out, scheduler=args.scheduler,
+                                           workers=None, no_progress=False, task=None, endpoint_stride=None))
+    return (0 if ok else 1) or rc
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .experiments.reproduce import default_settings, main_summary, reproduce
+
+    settings = {}
+    if args.task is not None or args.endpoint_stride is not None:
+        s1 = default_settings("s1", args.quick)
+        if args.task is not None:
+            s1 = s1.replace(task=args.task)
+        if args.endpoint_stride is not None:
+            s1 = s1.replace(endpoint_stride=args.endpoint_stride)
+        settings["s1"] = s1
+    cmd = "symgate reproduce " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["reproduce"] else \
+        f"symgate reproduce {args.experiment}{' --quick' if args.quick else ''}"
+    t0 = time.perf_counter()
+    res = reproduce(args.experiment, quick=args.quick, seeds=args.seeds, out=args.out, scheduler=args.scheduler,
+                    workers=args.workers, progress=not args.no_progress, settings=settings, command=cmd)
+    main_summary(res)
+    print(f"finished in {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,7 +278,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--random-cells", type=int, default=50, help="random cells checked on the numpy reference")
     m.add_argument("--compiled-random", type=int, default=2, help="random cells also compiled and checked")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--no-reproduce", action="store_true", help="skip the quick reproduction of the simulations")
+    m.add_argument("--out", default="reproduction-quick", help="where the quick reproduction writes its report")
+    m.add_argument("--scheduler", default="local", help="'local' (Dask processes), 'serial' or a Dask scheduler address")
     m.set_defaults(func=_cmd_demo)
+    r = sub.add_parser("reproduce", help="reproduce the paper's simulations: results.json, plots and report.md",
+                       description="Run S1 (effective-LR profiles), S2 (anisotropy of gates vs Adam) and the appendix "
+                                   "expansion check at the paper's settings (or --quick), as independent jobs on Dask.")
+    r.add_argument("experiment", choices=["s1", "s2", "appendix", "all"])
+    r.add_argument("--quick", action="store_true", help="small presets that finish in seconds")
+    r.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 5; 2 with --quick; the paper used 20)")
+    r.add_argument("--out", default="reproduction", help="output directory (default: ./reproduction)")
+    r.add_argument("--scheduler", default="local",
+                   help="'local' (a Dask LocalCluster of processes, default), 'serial', or tcp://host:port of a running cluster")
+    r.add_argument("--workers", type=int, default=None, help="worker processes of the local cluster (default: one per core)")
+    r.add_argument("--task", default=None, help="S1's task (default adding; also recall, copy, movingavg, delaysum, narma10)")
+    r.add_argument("--endpoint-stride", type=int, default=None,
+                   help="S1 pairs: every k-th endpoint (1 = every pair, as released; default 8)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_reproduce)
     args = ap.parse_args(argv)
     try:
         return int(args.func(args))

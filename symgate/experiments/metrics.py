@@ -166,11 +166,21 @@ def lag_profile(lag: np.ndarray, log_value: np.ndarray, lags: Sequence[int]) -> 
     lv = np.asarray(log_value, dtype=float)
     med = np.full(len(lags), np.nan)
     for i, h in enumerate(lags):
-        sel = lv[lag == h]
-        if sel.size:
-            med[i] = np.median(sel)  # the median commutes with the (monotone) log; -inf sorts first
+        med[i] = log_median(lv[lag == h])
     with np.errstate(invalid="ignore"):
         return med - med[0]
+
+
+def log_median(log_values: np.ndarray) -> float:
+    """``log(median(exp(log_values)))`` without leaving the log domain (no underflow): the
+    middle value, or for an even count the log of the mean of the two middle values."""
+    v = np.sort(np.asarray(log_values, dtype=float).ravel())
+    if v.size == 0:
+        return float("nan")
+    mid = v.size // 2
+    if v.size % 2:
+        return float(v[mid])
+    return float(np.logaddexp(v[mid - 1], v[mid]) - np.log(2.0))
 
 
 def loglog_fit(log_P: np.ndarray, log_S: np.ndarray, *, trim: float = 0.01) -> dict[str, float]:
@@ -365,6 +375,8 @@ def gradient_anisotropy(G: np.ndarray, *, r: int = 10, top: int = 16) -> dict[st
         raise ShapeError(f"G must be (M, P), got {G.shape}")
     norms = np.linalg.norm(G, axis=1)
     keep = norms > 0
+    if not keep.any():
+        raise ShapeError("gradient_anisotropy: every per-example gradient is zero")
     X = G[keep] / norms[keep, None]
     X = X - X.mean(axis=0, keepdims=True)
     M = X.shape[0]

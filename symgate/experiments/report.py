@@ -15,7 +15,22 @@ import numpy as np
 
 from ._common import MODEL_LABELS, unjson
 
-__all__ = ["claims", "plot_all", "write_report", "method_comparisons"]
+__all__ = ["claims", "plot_all", "write_report", "method_comparisons", "resolve"]
+
+
+def resolve(results: Mapping[str, Any], path: str) -> Any:
+    """The value at ``path`` (``a.b[2].c``) in ``results``: how a claim's ``source`` is read."""
+    import re
+
+    cur: Any = results
+    for part in path.split("."):
+        m = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", part)
+        if m is None:
+            raise KeyError(f"malformed path component {part!r} in {path!r}")
+        cur = cur[m.group(1)]
+        for idx in re.findall(r"\[(\d+)\]", m.group(2)):
+            cur = cur[int(idx)]
+    return cur
 
 #: the verdict thresholds, stated in the report
 R2_PREDICTS = 0.8
@@ -62,7 +77,9 @@ def _claims_s1(settings: Mapping[str, Any], summ: Mapping[str, Any]) -> list[dic
                         f"{_fmt(np.exp(med))} (upper quartile {_fmt(np.exp(q75))}); exact spectral norms.",
             "rule": f"holds if the upper quartile of μ̃_eff({h}) is below 1",
             "holds": "yes" if holds else "no",
-            "source": f"experiments.s1.summary.{model}.checkpoints[{last}].profile_exact_norm (log values, index {h - 1})",
+            "source": [f"experiments.s1.summary.{model}.checkpoints[{last}].profile_exact_norm.median[{h - 1}]",
+                       f"experiments.s1.summary.{model}.checkpoints[{last}].profile_exact_norm.q75[{h - 1}]"],
+            "note": "profiles are stored as natural logs",
         })
         r2 = cp["R2_exact_exact_norm"]
         sl = cp["slope_exact_exact_norm"]
@@ -76,7 +93,8 @@ def _claims_s1(settings: Mapping[str, Any], summ: Mapping[str, Any]) -> list[dic
                         "(median [IQR] over seeds, final checkpoint).",
             "rule": f"holds if the median R² (derived μ) is at least {R2_PREDICTS}",
             "holds": "yes" if unjson(r2["median"]) >= R2_PREDICTS else "no",
-            "source": f"experiments.s1.summary.{model}.checkpoints[{last}].R2_exact_exact_norm",
+            "source": [f"experiments.s1.summary.{model}.checkpoints[{last}].{k}"
+                       for k in ("R2_exact_exact_norm", "slope_exact_exact_norm", "R2_s1_exact_norm", "slope_s1_exact_norm")],
         })
     return rows
 
@@ -122,7 +140,8 @@ def _claims_s2(settings: Mapping[str, Any], summ: Mapping[str, Any]) -> list[dic
                         "'matches' if the IQRs overlap; the claim holds if every index matches or exceeds",
                 "holds": "yes" if ok == len(verdicts) else ("partly" if ok else "no"),
                 "per_index": verdicts,
-                "source": f"experiments.s2.summary.{task}.{gate}.checkpoints[{last}].indices",
+                "source": [f"experiments.s2.summary.{task}.{lb}.checkpoints[{last}].indices.{ix}"
+                           for lb in (gate, adam) for ix, _ in S2_CLAIM_INDICES],
             })
     return rows
 
@@ -138,7 +157,7 @@ def _claims_appendix(settings: Mapping[str, Any], summ: Mapping[str, Any]) -> li
                         f"(min {_fmt(np.min(slopes))}, max {_fmt(np.max(slopes))}).",
             "rule": f"holds if every seed's slope is within {SLOPE_TOL} of 2",
             "holds": "yes" if bool(np.all(np.abs(slopes - 2) <= SLOPE_TOL)) else "no",
-            "source": f"experiments.appendix.summary.{cell}.slope",
+            "source": [f"experiments.appendix.summary.{cell}.slope"],
         })
         rows.append({
             "id": f"A-small-{cell}", "experiment": "appendix",
@@ -147,7 +166,7 @@ def _claims_appendix(settings: Mapping[str, Any], summ: Mapping[str, Any]) -> li
                         f"largest over all steps and seeds {_fmt(c['ratio_B_A_max']['max'])}.",
             "rule": f"holds if the median ratio is below {RATIO_SMALL}",
             "holds": "yes" if unjson(c["ratio_B_A_median"]["median"]) < RATIO_SMALL else "no",
-            "source": f"experiments.appendix.summary.{cell}.ratio_B_A_median",
+            "source": [f"experiments.appendix.summary.{cell}.ratio_B_A_median", f"experiments.appendix.summary.{cell}.ratio_B_A_max"],
         })
         rel = c["remainder_at_1_rel_F"]
         rows.append({
@@ -157,7 +176,7 @@ def _claims_appendix(settings: Mapping[str, Any], summ: Mapping[str, Any]) -> li
                         f"‖F₀‖ = {_fmt(c['norm_F0']['median'])}, ‖L₁‖ = {_fmt(c['norm_L']['median'])}.",
             "rule": f"holds if the median relative remainder is below {REL_REMAINDER_SMALL}",
             "holds": "yes" if unjson(rel["median"]) < REL_REMAINDER_SMALL else "no",
-            "source": f"experiments.appendix.summary.{cell}.remainder_at_1_rel_F",
+            "source": [f"experiments.appendix.summary.{cell}.{k}" for k in ("remainder_at_1_rel_F", "remainder_at_1", "norm_F0", "norm_L")],
         })
     return rows
 
@@ -188,7 +207,8 @@ def method_comparisons(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "experiment": "s1", "quantity": f"slope s, released predictor ∏g ({model})",
                 "released_method": "5 power-iteration steps", "released_value": _iqr(cp["slope_s1_power_iteration"]),
                 "symgate_method": "exact spectral norm (SVD)", "symgate_value": _iqr(cp["slope_s1_exact_norm"]),
-                "source": f"experiments.s1.summary.{model}.checkpoints[{last}].slope_s1_*",
+                "source": [f"experiments.s1.summary.{model}.checkpoints[{last}].slope_s1_power_iteration",
+                           f"experiments.s1.summary.{model}.checkpoints[{last}].slope_s1_exact_norm"],
             })
     if "s2" in ex:
         last = len(ex["s2"]["settings"]["checkpoints"]) - 1
@@ -199,7 +219,8 @@ def method_comparisons(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "experiment": "s2", "quantity": f"CE_r of lag products ({task}, {label})",
                     "released_method": "top-16 singular values", "released_value": _iqr(ind["prop_CE_top"]),
                     "symgate_method": "whole spectrum", "symgate_value": _iqr(ind["prop_CE"]),
-                    "source": f"experiments.s2.summary.{task}.{label}.checkpoints[{last}].indices.prop_CE*",
+                    "source": [f"experiments.s2.summary.{task}.{label}.checkpoints[{last}].indices.prop_CE_top",
+                               f"experiments.s2.summary.{task}.{label}.checkpoints[{last}].indices.prop_CE"],
                 })
     if "appendix" in ex:
         for cell, c in ex["appendix"]["summary"].items():
@@ -209,7 +230,9 @@ def method_comparisons(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "released_method": f"seeds outside 1.5 IQR dropped ({len(dropped)} dropped: {dropped})",
                 "released_value": _iqr(c["remainder_at_1"]["released_rule"]),
                 "symgate_method": "every seed", "symgate_value": _iqr(c["remainder_at_1"]),
-                "source": f"experiments.appendix.summary.{cell}.remainder_at_1",
+                "source": [f"experiments.appendix.summary.{cell}.remainder_at_1.released_rule",
+                           f"experiments.appendix.summary.{cell}.remainder_at_1",
+                           f"experiments.appendix.summary.{cell}.released_rule_drops_seeds"],
             })
     return rows
 
@@ -452,21 +475,23 @@ def write_report(results: Mapping[str, Any], out: str, plots: Mapping[str, Seque
     L.append("")
     L.append("## Claims")
     L.append("")
-    L.append("| id | claim | evidence | rule | holds |")
-    L.append("|---|---|---|---|---|")
+    L.append("| id | claim | evidence | rule | holds | source in results.json |")
+    L.append("|---|---|---|---|---|---|")
     for c in results["claims"]:
-        L.append(f"| {c['id']} | {c['claim']} | {c['evidence']} | {c['rule']} | **{c['holds']}** |")
+        src = "<br>".join(f"`{p}`" for p in c["source"])
+        L.append(f"| {c['id']} | {c['claim']} | {c['evidence']} | {c['rule']} | **{c['holds']}** | {src} |")
     L.append("")
     if results.get("method_comparisons"):
         L.append("## Released method choices vs symgate's, side by side")
         L.append("")
         L.append("Both columns are computed by symgate on the same runs (median [IQR] over seeds).")
         L.append("")
-        L.append("| experiment | quantity | released method | value | symgate | value |")
-        L.append("|---|---|---|---|---|---|")
+        L.append("| experiment | quantity | released method | value | symgate | value | source in results.json |")
+        L.append("|---|---|---|---|---|---|---|")
         for r in results["method_comparisons"]:
+            src = "<br>".join(f"`{p}`" for p in r["source"])
             L.append(f"| {r['experiment']} | {r['quantity']} | {r['released_method']} | {r['released_value']} | "
-                     f"{r['symgate_method']} | {r['symgate_value']} |")
+                     f"{r['symgate_method']} | {r['symgate_value']} | {src} |")
         L.append("")
     for name, ex in results["experiments"].items():
         L.append(f"## {_TITLES.get(name, name)}")

@@ -123,8 +123,9 @@ def reproduce(which: str | Sequence[str] = "all", *, quick: bool = False, seeds:
     return results
 
 
-def main_summary(results: dict[str, Any], stream: Any = sys.stdout) -> None:
+def main_summary(results: dict[str, Any], stream: Any = None) -> None:
     """Print the claims table and where the report is."""
+    stream = sys.stdout if stream is None else stream
     print(f"\n{'claim':<34} {'holds':<8} evidence", file=stream)
     for c in results["claims"]:
         ev = c["evidence"]

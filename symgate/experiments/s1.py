@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._cell import Cell
 from .._errors import ConfigError
 from .._transport import effective_lrs
 from ._common import Settings, jsonable, lag_summary, model_cell
@@ -120,11 +121,13 @@ def probe(settings: S1Settings, cell: Any, trainer: Trainer, x: np.ndarray, y: n
     return out
 
 
-def run_s1(settings: S1Settings | dict, model: str, seed: int) -> dict[str, Any]:
-    """One S1 job: train ``model`` with SGD for ``settings.steps`` iterations from ``seed``,
-    probing at the checkpoints.  Returns a JSON-able dict."""
+def run_s1(settings: S1Settings | dict, model: "str | Cell", seed: int) -> dict[str, Any]:
+    """One S1 job: train ``model`` (a model name, ``file.py:name`` or any :class:`~symgate.Cell`)
+    with SGD for ``settings.steps`` iterations from ``seed``, probing at the checkpoints.
+    Returns a JSON-able dict (its ``"model"`` is the name, or the cell's name)."""
     s = settings if isinstance(settings, S1Settings) else S1Settings.from_dict(settings)
-    cell = model_cell(model, alpha=s.alpha)
+    cell = model if isinstance(model, Cell) else model_cell(model, alpha=s.alpha)
+    model = cell.name if isinstance(model, Cell) else model
     task = get_task(s.task)
     tr = Trainer(cell, task, n=s.n, m=s.m, B=s.B, T=s.T, optimizer="sgd", lr=s.lr, seed=seed)
     x_probe, y_probe = task.batch(rng_for(seed, "probe"), s.probe_B, s.T, s.m)
@@ -142,7 +145,8 @@ def summarize_s1(settings: S1Settings, results: Sequence[dict[str, Any]]) -> dic
     from ._common import unjson
 
     out: dict[str, Any] = {}
-    for model in settings.models:
+    models = list(settings.models) + [r["model"] for r in results if r["model"] not in settings.models]
+    for model in dict.fromkeys(models):
         runs = [unjson(r) for r in results if r["model"] == model]
         if not runs:
             continue

@@ -238,8 +238,8 @@ class Trainer:
         if x.ndim != 3 or y.ndim != 2 or x.shape[1] != y.shape[0]:
             raise ConfigError(f"x must be (T, M, m) and y (M, o), got {x.shape} and {y.shape}")
         M = x.shape[1]
-        xb = np.ascontiguousarray(x[:, :1])
-        yb = np.ascontiguousarray(y[:1])
+        xb = np.array(x[:, :1], order="C")  # copies: the loop below writes into them
+        yb = np.array(y[:1], order="C")
         P = sum(v.size for v in self.opt_params.values())
         out = np.empty((M, P))
         if hasattr(self.kernel, "prepare"):
