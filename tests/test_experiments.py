@@ -373,7 +373,7 @@ def test_execute_rejects_bad_schedulers() -> None:
     with pytest.raises(sg.ConfigError, match="workers"):
         execute(_tiny_jobs()[:1], scheduler="local", workers=0)
     with pytest.raises(sg.ConfigError, match="cannot reach"):
-        execute(_tiny_jobs()[:1], scheduler="tcp://127.0.0.1:9", progress=False)
+        execute(_tiny_jobs()[:1], scheduler="tcp://127.0.0.1:9", progress=False, connect_timeout=1.0)
     with pytest.raises(sg.ConfigError, match="unknown experiment"):
         jobs_for("s3", S1Settings(), [1])
 

@@ -78,12 +78,12 @@ def _single_threaded_env() -> dict[str, str]:
 
 
 def execute(jobs: Iterable[Job], *, scheduler: str = "local", workers: int | None = None, progress: bool = True,
-            desc: str = "jobs") -> list[dict]:
+            desc: str = "jobs", connect_timeout: float = 20.0) -> list[dict]:
     """Run ``jobs`` and return their results in order.
 
     ``scheduler``: ``"serial"`` (this process), ``"local"`` (a Dask ``LocalCluster`` of
     ``workers`` single-threaded processes, default one per core) or the address of a
-    running Dask scheduler.
+    running Dask scheduler (reached within ``connect_timeout`` seconds).
     """
     jobs = list(jobs)
     if not isinstance(scheduler, str) or not scheduler:
@@ -100,12 +100,12 @@ def execute(jobs: Iterable[Job], *, scheduler: str = "local", workers: int | Non
                 out.append(run_job(j))
                 bar.update(1)
             return out
-        return _execute_dask(jobs, scheduler, workers, bar)
+        return _execute_dask(jobs, scheduler, workers, bar, connect_timeout)
     finally:
         bar.close()
 
 
-def _execute_dask(jobs: list[Job], scheduler: str, workers: int | None, bar: Any) -> list[dict]:
+def _execute_dask(jobs: list[Job], scheduler: str, workers: int | None, bar: Any, connect_timeout: float) -> list[dict]:
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError as exc:  # pragma: no cover - distributed is a dependency of the experiments
@@ -129,7 +129,7 @@ def _execute_dask(jobs: list[Job], scheduler: str, workers: int | None, bar: Any
         client = Client(cluster)
     else:
         try:
-            client = Client(scheduler, timeout="20s")
+            client = Client(scheduler, timeout=f"{connect_timeout}s")
         except OSError as exc:
             raise ConfigError(f"cannot reach the Dask scheduler at {scheduler!r}: {exc}") from exc
     try:
