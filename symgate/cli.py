@@ -224,7 +224,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print("\n== quick reproduction of the paper's simulations (S1, S2, appendix; `symgate reproduce all` for the paper's settings)",
           flush=True)
     rc = _cmd_reproduce(argparse.Namespace(experiment="all", quick=True, seeds=None, out=args.out, scheduler=args.scheduler,
-                                           workers=None, no_progress=False, task=None, endpoint_stride=None))
+                                           workers=None, no_progress=False, task=None, endpoint_stride=None, models=None))
     return (0 if ok else 1) or rc
 
 
@@ -232,12 +232,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .experiments.reproduce import default_settings, main_summary, reproduce
 
     settings = {}
-    if args.task is not None or args.endpoint_stride is not None:
+    models = [m for m in (getattr(args, "models", None) or "").split(",") if m]
+    if args.task is not None or args.endpoint_stride is not None or models:
         s1 = default_settings("s1", args.quick)
         if args.task is not None:
             s1 = s1.replace(task=args.task)
         if args.endpoint_stride is not None:
             s1 = s1.replace(endpoint_stride=args.endpoint_stride)
+        if models:
+            s1 = s1.replace(models=tuple(models))
+            settings["appendix"] = default_settings("appendix", args.quick).replace(cells=tuple(models))
         settings["s1"] = s1
     cmd = "symgate reproduce " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["reproduce"] else \
         f"symgate reproduce {args.experiment}{' --quick' if args.quick else ''}"
@@ -295,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--task", default=None, help="S1's task (default adding; also recall, copy, movingavg, delaysum, narma10)")
     r.add_argument("--endpoint-stride", type=int, default=None,
                    help="S1 pairs: every k-th endpoint (1 = every pair, as released; default 8)")
+    r.add_argument("--models", default=None,
+                   help="comma-separated cells for S1 and the appendix check: model names (leaky, scalar_gate, "
+                        "vector_gate, plain, any built-in) or path/to/file.py:name (default: the paper's)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_reproduce)
     args = ap.parse_args(argv)

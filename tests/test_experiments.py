@@ -393,7 +393,7 @@ def test_reproduce_quick_writes_a_traceable_report(tmp_path) -> None:
         for path in c["source"]:
             resolve(on_disk, path)
     for c in on_disk["claims"]:
-        assert c["holds"] in ("yes", "no", "partly")
+        assert c["holds"] in ("yes", "no", "partly", "n/a")
     report = (tmp_path / "report.md").read_text()
     for c in on_disk["claims"]:
         assert c["id"] in report
@@ -423,3 +423,26 @@ def test_cli_reproduce(tmp_path, capsys) -> None:
     assert "A-slope-vector_gate" in out and "report.md" in out
     assert (tmp_path / "appendix_expansion.png").exists()
     assert main(["reproduce", "s1", "--quick", "--seeds", "0", "--out", str(tmp_path), "--scheduler", "serial"]) == 2
+
+
+def test_cli_reproduce_runs_a_users_cell_from_a_file(tmp_path, capsys) -> None:
+    from symgate.cli import main
+
+    f = tmp_path / "mycell.py"
+    f.write_text(
+        "import symgate as sg\n"
+        "@sg.cell\n"
+        "def halfgate(h: sg.State('n'), x: sg.Input('m'), W: sg.Matrix('n', 'n'), U: sg.Matrix('n', 'm'),\n"
+        "             Wg: sg.Matrix('n', 'n')):\n"
+        "    g = 0.5 * sg.sigmoid(Wg @ h)\n"
+        "    return (1 - g) * h + g * sg.tanh(W @ h + U @ x)\n")
+    out = tmp_path / "out"
+    rc = main(["reproduce", "all", "--quick", "--seeds", "1", "--out", str(out), "--scheduler", "serial", "--no-progress",
+               "--models", f"{f}:halfgate,leaky"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {r["model"] for r in res["experiments"]["s1"]["runs"]} == {f"{f}:halfgate", "leaky"}
+    ids = {c["id"]: c for c in res["claims"]}
+    assert "S1-predict-halfgate" in ids
+    assert ids["A-slope-halfgate"]["holds"] == "yes"  # its gate terms expand to second order
+    assert ids["A-slope-leaky"]["holds"] == "n/a"  # a constant rate has no gate terms

@@ -48,6 +48,12 @@ def model_cell(spec: str, *, alpha: float = 0.8) -> Cell:
         raise ConfigError(str(exc)) from exc
 
 
+def model_label(spec: str) -> str:
+    """A model's name in summaries, claims and plots: the name itself, or for
+    ``path/to/file.py:name`` just ``name`` (so that result paths stay dotted identifiers)."""
+    return spec.rpartition(":")[2] if ":" in spec else spec
+
+
 def jsonable(obj: Any) -> Any:
     """``obj`` with numpy scalars/arrays turned into Python numbers/lists and non-finite
     floats into the strings ``"nan"``, ``"inf"``, ``"-inf"`` (strict JSON has no such numbers)."""

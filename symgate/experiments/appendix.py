@@ -30,7 +30,7 @@ import numpy as np
 
 from .._errors import ConfigError
 from .._transport import JacobianProducts
-from ._common import Settings, jsonable, model_cell, unjson
+from ._common import Settings, jsonable, model_cell, model_label, unjson
 from .metrics import summary
 from .train import init_params, resolve_dims, rng_for
 
@@ -117,12 +117,13 @@ def summarize_appendix(settings: AppendixSettings, results: Sequence[dict[str, A
         row["ratio_B_A_median"] = {**summary([r["ratio_B_A"]["median"] for r in runs]),
                                    "per_seed": [r["ratio_B_A"]["median"] for r in runs]}
         row["ratio_B_A_max"] = summary([r["ratio_B_A"]["max"] for r in runs])
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # E = 0 (a cell without terms of the split): log = -inf
             logE = np.log(E)
-        row["error_by_eps"] = {"median": np.exp(np.median(logE, axis=0)).tolist(),
-                               "q25": np.exp(np.percentile(logE, 25, axis=0)).tolist(),
-                               "q75": np.exp(np.percentile(logE, 75, axis=0)).tolist()}
-        row["C2_by_eps"] = {"median": (np.exp(np.median(logE, axis=0)) / np.asarray(settings.eps) ** 2).tolist()}
+            row["error_by_eps"] = {"median": np.exp(np.median(logE, axis=0)).tolist(),
+                                   "q25": np.exp(np.percentile(logE, 25, axis=0)).tolist(),
+                                   "q75": np.exp(np.percentile(logE, 75, axis=0)).tolist()}
+            row["C2_by_eps"] = {"median": (np.exp(np.median(logE, axis=0)) / np.asarray(settings.eps) ** 2).tolist()}
         row["released_rule_drops_seeds"] = [seeds[i] for i in drop]
-        out[cell] = row
+        row["cell"] = cell
+        out[model_label(cell)] = row
     return jsonable(out)

@@ -150,6 +150,14 @@ def _claims_appendix(settings: Mapping[str, Any], summ: Mapping[str, Any]) -> li
     rows = []
     for cell, c in summ.items():
         slopes = np.asarray(unjson(c["slope"]["per_seed"]), dtype=float)
+        if unjson(c["norm_L"]["max"]) == 0:  # no term of the split: F(eps) = F0, nothing to check
+            rows.append({
+                "id": f"A-slope-{cell}", "experiment": "appendix",
+                "claim": f"The first-order expansion of ∏(A_j + εB_j) is exact to first order ({cell}).",
+                "evidence": f"the cell has no terms of the split {settings['split']!r} (B_j = 0, L₁ = 0): nothing to expand.",
+                "rule": "not applicable", "holds": "n/a", "source": [f"experiments.appendix.summary.{cell}.norm_L"],
+            })
+            continue
         rows.append({
             "id": f"A-slope-{cell}", "experiment": "appendix",
             "claim": f"The first-order expansion of ∏(A_j + εB_j) is exact to first order: the remainder is O(ε²) ({cell}).",

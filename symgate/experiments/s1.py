@@ -31,7 +31,7 @@ import numpy as np
 from .._cell import Cell
 from .._errors import ConfigError
 from .._transport import effective_lrs
-from ._common import Settings, jsonable, lag_summary, model_cell
+from ._common import Settings, jsonable, lag_summary, model_cell, model_label
 from .metrics import dense_jacobians, lag_profile, lag_sensitivities, loglog_fit, summary
 from .tasks import get_task
 from .train import Trainer, rng_for
@@ -168,5 +168,5 @@ def summarize_s1(settings: S1Settings, results: Sequence[dict[str, Any]]) -> dic
             row["probe_loss"] = summary([c["probe_loss"] for c in cps])
             per_cp.append(row)
         losses = np.array([r["loss"] for r in runs], dtype=float)
-        out[model] = {"seeds": seeds, "checkpoints": per_cp, "loss": lag_summary(losses)}
+        out[model_label(model)] = {"seeds": seeds, "checkpoints": per_cp, "loss": lag_summary(losses), "model": model}
     return jsonable(out)
