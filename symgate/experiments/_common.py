@@ -130,10 +130,10 @@ class Settings:
         return cls(**kw)
 
     def _positive(self, *names: str) -> None:
+        from .tasks import _check_int
+
         for nm in names:
-            v = getattr(self, nm)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{type(self).__name__}.{nm} must be an integer >= 1, got {v!r}")
+            _check_int(f"{type(self).__name__}.{nm}", getattr(self, nm), 1)
 
 
 def lag_summary(values: np.ndarray) -> dict[str, list[float]]:

@@ -115,8 +115,9 @@ def lag_sensitivities(J: np.ndarray, *, stride: int = 1, max_lag: int | None = N
     J = np.asarray(J, dtype=np.float64)
     if J.ndim != 4 or J.shape[-1] != J.shape[-2]:
         raise ShapeError(f"J must be (T, B, N, N), got {J.shape}")
-    if not isinstance(stride, (int, np.integer)) or stride < 1:
-        raise ConfigError(f"stride must be an integer >= 1, got {stride!r}")
+    from .tasks import _check_int
+
+    _check_int("stride", stride, 1)
     T, B, N, _ = J.shape
     L = T if max_lag is None else int(max_lag)
     if power_iters is not None and rng is None:

@@ -28,7 +28,7 @@ from .._cell import Cell
 from .._errors import ConfigError
 from .. import losses
 from .optim import Optimizer, clip_grad_norm, make_optimizer
-from .tasks import Task, get_task
+from .tasks import Task, _check_int, get_task
 
 __all__ = ["STREAMS", "rng_for", "resolve_dims", "init_params", "Trainer", "READOUT"]
 
@@ -43,9 +43,8 @@ def rng_for(seed: int, stream: str) -> np.random.Generator:
     """The generator of ``stream`` (one of :data:`STREAMS`) for ``seed``."""
     if stream not in STREAMS:
         raise ConfigError(f"unknown random stream {stream!r}; known: {', '.join(STREAMS)}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
-    return np.random.default_rng(np.random.SeedSequence([int(seed), STREAMS[stream]]))
+    seed = _check_int("seed", seed, 0)
+    return np.random.default_rng(np.random.SeedSequence([seed, STREAMS[stream]]))
 
 
 def resolve_dims(cell: Cell, n: int, m: int, dims: Mapping[str, int] | None = None) -> dict[str, int]:
@@ -55,8 +54,7 @@ def resolve_dims(cell: Cell, n: int, m: int, dims: Mapping[str, int] | None = No
     out[str(cell.states[0].dim)] = n
     out[str(cell.inputs[0].dim)] = m
     for name, v in out.items():
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"dimension {name!r} must be an integer >= 1, got {v!r}")
+        out[name] = _check_int(f"dimension {name!r}", v, 1)
     missing = [d for d in cell.dims() if d not in out]
     if missing:
         raise ConfigError(f"cell {cell.name!r} uses dimension(s) {missing} that have no size; pass dims={{...}}")
@@ -136,8 +134,7 @@ class Trainer:
         if not isinstance(self.task, Task):
             raise ConfigError(f"task must be a task name or a Task, got {type(task).__name__}")
         for name, v in (("B", B), ("T", T), ("draw_ahead", draw_ahead)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+            _check_int(name, v, 1)
         if clip is not None and not (np.isfinite(clip) and clip > 0):
             raise ConfigError(f"clip must be a positive number or None, got {clip!r}")
         if not (np.isfinite(jitter) and jitter >= 0):
@@ -211,8 +208,7 @@ class Trainer:
         """Run ``steps`` iterations.  ``on_checkpoint(self)`` is called when ``self.iteration`` is in
         ``checkpoints`` (after that many updates, i.e. before the next one), including 0.
         ``progress`` is an optional callable taking the number of finished steps."""
-        if not isinstance(steps, (int, np.integer)) or steps < 0:
-            raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
+        _check_int("steps", steps, 0)
         cps = set(int(c) for c in checkpoints)
         end = self.iteration + steps
         while True:
