@@ -97,6 +97,10 @@ class KernelPrinter(C99CodePrinter):
         return f"sg_softplus({self._print(e.args[0])})"
 
 
+#: batches at least this large accumulate the weight gradients of state-dependent groups step by
+#: step inside the BPTT loop; smaller ones use one product over all T*B rows after it
+STEP_WGRAD_MIN_B = 8
+
 @dataclass(frozen=True)
 class Slot:
     """One array the generated program reads or writes, in the order ``run`` takes pointers.
@@ -875,6 +879,16 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
         if isinstance(it, tuple):
             g, tgt, beta = it
             c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
+            # the weight gradient of the group, accumulated step by step while the step's source and
+            # adjoints are in cache: (source_t)^T adjoint_t into the free transposed-weights buffer
+            # (measured 1.1-1.16x faster per training step than one product over all T*B rows after
+            # the loop, which streams both arrays from memory, for B >= 8; for smaller batches the
+            # per-step products are too thin and the single product after the loop is kept)
+            sp_t, ld_t = src_ptr(g.source, False, "t")
+            if g.source in G.N:
+                ld_t = f"c.{D[G.dim_of[g.source]]}"
+            bwd.append(f"        if B >= {STEP_WGRAD_MIN_B}: mm(1, 0, {c_}, c.R{g.index}, B, 1, {sp_t}, {ld_t}, "
+                       f"c.L{g.index} + t*B*c.R{g.index}, c.R{g.index}, 0 if t == T - 1 else 1, c.WT{g.index}, c.R{g.index})")
             bwd.append(f"        # send the adjoints of {', '.join(g.members)} to {g.source}")
             if tgt is None:
                 continue
@@ -897,7 +911,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     for gp, buf, ld, off, dd in colsums:
         offc = "" if off == "0" else " + " + _cexpr(off)
         bwd.append(f"    colsum(c.T*c.B, {G.cD(dd)}, c.{buf}{offc}, {'c.' + ld if ld != '1' else '1'}, c.{gp})")
-    bwd.append("    # weight gradients: one product over T*B rows per group")
+    bwd.append(f"    # weight gradients: accumulated in the loop (B >= {STEP_WGRAD_MIN_B}) or one product over T*B rows")
     for g in G.dgroups:
         sp, ld = src_ptr(g.source, False, "0")
         if g.source in G.N:
@@ -905,7 +919,8 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
         c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
         # as the transpose (source^T adjoint: the long adjoint array is BLAS's untransposed operand,
         # measured faster), into the free transposed-weights buffer, then transposed into place
-        bwd.append(f"    mm(1, 0, {c_}, c.R{g.index}, c.T*c.B, 1, {sp}, {ld}, c.L{g.index}, c.R{g.index}, 0, c.WT{g.index}, c.R{g.index})")
+        bwd.append(f"    if B < {STEP_WGRAD_MIN_B}: mm(1, 0, {c_}, c.R{g.index}, c.T*c.B, 1, {sp}, {ld}, c.L{g.index}, c.R{g.index}, 0, "
+                   f"c.WT{g.index}, c.R{g.index})")
         bwd.append(f"    transpose({c_}, c.R{g.index}, c.WT{g.index}, c.GW{g.index})")
     bwd.append("    # state-independent part, all steps at once")
     for it in calls_sb:
