@@ -55,27 +55,18 @@ _RESCALE = 1e-100
 def dense_jacobians(cell: Cell, params: Mapping[str, np.ndarray], trajectory: Trajectory) -> np.ndarray:
     r"""Exact :math:`J_t=\partial h_t/\partial h_{t-1}` at every step of ``trajectory``:
     ``J[t-1, b]`` is ``(N, N)`` with ``N`` the total state size (states stacked in order)."""
-    traj = trajectory
-    T, B = traj.x.shape[:2]
-    vals = step_values(cell, params, traj)
-    flat = {k: (v.reshape(T * B, -1) if isinstance(v, np.ndarray) and v.ndim == 3 else v) for k, v in vals.items()}
-    sizes = _all_sizes(cell, traj)
-    names = cell.state_names
-    blocks = {(a, b): jacobian(cell, a, b) for a in names for b in names}
-    N = sum(int(traj.states[s].shape[-1]) for s in names)
+    st = _Steps(cell, params, trajectory)
+    T, B = st.T, st.B
+    N = sum(st.dims)
+    offs = np.cumsum([0, *st.dims])
     out = np.empty((T * B, N, N))
     chunk = max(1, 2**19 // (N * N))  # rows per evaluation: keeps the temporaries in cache
     for lo in range(0, T * B, chunk):
-        part = {k: (v[lo:lo + chunk] if isinstance(v, np.ndarray) and v.ndim == 2 and v.shape[0] == T * B else v)
-                for k, v in flat.items()}
-        r0 = 0
-        for a in names:
-            c0 = 0
-            for b in names:
-                blk = blocks[(a, b)].evaluate(part, params, sizes)
-                out[lo:lo + chunk, r0:r0 + blk.shape[1], c0:c0 + blk.shape[2]] = blk
-                c0 += blk.shape[2]
-            r0 += blk.shape[1]
+        part = st.rows(slice(lo, lo + chunk))
+        for ia, a in enumerate(st.names):
+            for ib, b in enumerate(st.names):
+                out[lo:lo + chunk, offs[ia]:offs[ia + 1], offs[ib]:offs[ib + 1]] = \
+                    st.blocks[(a, b)].evaluate(part, params, st.sizes)
     return out.reshape(T, B, N, N)
 
 
@@ -258,7 +249,8 @@ class _Steps:
         self.blocks = {(a, b): jacobian(cell, a, b) for a in self.names for b in self.names}
         self.params = params
 
-    def rows(self, rows: np.ndarray) -> dict[str, Any]:
+    def rows(self, rows: np.ndarray | slice) -> dict[str, Any]:
+        """Every value at the given flat rows (an index array or a slice)."""
         n = self.T * self.B
         return {k: (v[rows] if isinstance(v, np.ndarray) and v.ndim == 2 and v.shape[0] == n else v) for k, v in self.flat.items()}
 
