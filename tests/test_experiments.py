@@ -367,6 +367,23 @@ def test_a_sweep_on_a_dask_local_cluster_equals_the_serial_sweep_bit_for_bit() -
         assert json.dumps(_strip(a), sort_keys=True) == json.dumps(_strip(b), sort_keys=True)
 
 
+def _worker_env() -> dict:
+    import os
+
+    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+
+
+def test_local_cluster_workers_are_single_threaded_and_keep_the_adaptive_malloc(monkeypatch) -> None:
+    from distributed import Client
+
+    from symgate.experiments.sweep import local_cluster
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with local_cluster(1) as cluster, Client(cluster) as client:
+        envs = list(client.run(_worker_env).values())
+    assert envs == [{"MALLOC_TRIM_THRESHOLD_": None, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}]
+
+
 def test_execute_rejects_bad_schedulers() -> None:
     with pytest.raises(sg.ConfigError, match="scheduler"):
         execute(_tiny_jobs()[:1], scheduler="")
