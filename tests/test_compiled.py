@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import symgate as sg
+from symgate._codegen import STEP_WGRAD_MIN_B
 from symgate.testing import cached_builtin, cached_random, draw_problem, random_cell_pool
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -26,10 +27,17 @@ POOL = random_cell_pool(200, seed=0)[::20]  # 10 random cells
 
 
 def agree(cell: sg.Cell, dtype: str, seed: int = 3) -> None:
-    """Compiled vs reference, same dtype: forward states, loss, every gradient (both losses)."""
+    """Compiled vs reference, same dtype: forward states, loss, every gradient (both losses),
+    for a batch on each side of the size at which the kernels switch from one product over
+    all ``T*B`` rows to per-step products inside the time loops."""
+    for B in (STEP_WGRAD_MIN_B - 1, STEP_WGRAD_MIN_B + 1):
+        _agree(cell, dtype, seed, B)
+
+
+def _agree(cell: sg.Cell, dtype: str, seed: int, B: int) -> None:
     k, r = sg.compile(cell, dtype), sg.reference_kernel(cell, dtype)
     assert k.backend == "compiled"
-    prob = draw_problem(cell, seed, n=5, m=3, B=4, T=9)
+    prob = draw_problem(cell, seed, n=5, m=3, B=B, T=9)
     cast = lambda a: np.array(a, dtype=dtype)  # noqa: E731
     p = {q: cast(v) for q, v in prob.params.items()}
     x, h0 = cast(prob.x), {s: cast(v) for s, v in prob.h0.items()}
