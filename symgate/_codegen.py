@@ -98,6 +98,9 @@ class KernelPrinter(C99CodePrinter):
     def _print_Softplus(self, e: Any) -> str:  # noqa: N802
         return f"sg_softplus({self._print(e.args[0])})"
 
+    def _print_tanh(self, e: Any) -> str:  # noqa: N802
+        return f"sg_tanh({self._print(e.args[0])})"
+
 
 #: batches at least this large compute the input products of the forward pass and accumulate every
 #: weight gradient step by step inside the time loops (while the step's rows are in cache); smaller
@@ -1075,7 +1078,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     temps_line = ", ".join(["tmp"] + [f"ca{k}, cn{k}" for k in range(len(G.states))])
     header = _header(cell, dt)
     body = f"""
-from libc.math cimport tanh{f}, exp{f}, log{f}, log1p{f}, pow{f}, sqrt{f}, fabs{f}
+from libc.math cimport tanh{f}, exp{f}, expm1{f}, copysign{f}, log{f}, log1p{f}, pow{f}, sqrt{f}, fabs{f}
 from libc.string cimport memcpy, memset
 from libc.stdint cimport {bits}{', uint64_t' if bits != 'uint64_t' else ''}
 from scipy.linalg.cython_blas cimport {gemm}
@@ -1095,6 +1098,15 @@ cdef inline real sg_sigmoid(real u) noexcept nogil:
     cdef real e = exp{f}(-fabs{f}(u))
     cdef real r = one / (one + e)
     return r if u >= zero else e*r
+
+
+cdef inline real sg_tanh(real u) noexcept nogil:
+    # tanh u = sign(u) (1 - e)/(1 + e), e = exp(-2|u|), written with em = expm1(-2|u|) in (-1, 0]
+    # as -em/(2 + em): full relative accuracy for small |u| (no 1 - e cancellation), no overflow;
+    # branch-free, so loops vectorise through libmvec's expm1 (2-4x faster than its tanh here)
+    cdef real two = 2
+    cdef real em = expm1{f}(-two*fabs{f}(u))
+    return copysign{f}(-em/(two + em), u)
 
 
 cdef inline real sg_softplus(real u) noexcept nogil:
