@@ -180,6 +180,24 @@ def test_lag_sensitivities_are_exact_spectral_norms_in_chain_rule_order() -> Non
         assert r["log_S"][i] == pytest.approx(np.log(np.linalg.norm(P, 2)), rel=1e-12, abs=1e-12)
 
 
+def test_spectral_norms_equal_the_largest_singular_value_at_every_scale() -> None:
+    rng = np.random.default_rng(4)
+    # square, tall and wide; graded spectra (condition 1e12) and a rank-one matrix; scaled by
+    # 1e-200 .. 1e200 (a Gram matrix of the unscaled entries would under/overflow); zeros
+    P = rng.normal(size=(24, 9, 9)) @ np.diag(np.geomspace(1, 1e-12, 9))
+    P[3] = np.outer(rng.normal(size=9), rng.normal(size=9))
+    P *= (10.0 ** rng.uniform(-200, 200, size=24))[:, None, None]
+    P[5] = 0.0
+    for A in (P, P[:, :, :4], P[:, :4, :]):
+        ref = np.array([np.linalg.svd(a, compute_uv=False)[0] for a in A])
+        got = M.spectral_norms(A)
+        # both are backward stable: relative error a small multiple of N * eps
+        np.testing.assert_allclose(got, ref, rtol=20 * 9 * np.finfo(float).eps, atol=0)
+        assert got[5] == 0.0
+    with pytest.raises(sg.ShapeError, match="K, M, N"):
+        M.spectral_norms(P[0])
+
+
 def test_lag_sensitivities_stay_exact_where_the_product_underflows() -> None:
     # J_j = c Q_j with Q_j orthogonal: ||J_t ... J_{k+1}||_2 = c^(t-k) exactly; c^80 = 1e-400 underflows float64
     rng = np.random.default_rng(1)

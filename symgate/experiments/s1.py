@@ -4,8 +4,8 @@ A leaky cell (constant :math:`\alpha`), a scalar-gate and a vector-gate cell are
 with plain SGD on a task (default: adding).  At checkpoints (after that many updates,
 before the next one) a fixed probe batch is run and, for pairs ``(t, k)`` of steps,
 
-* the **lag sensitivity** :math:`S_{t,k}=\lVert J_t\cdots J_{k+1}\rVert_2` (exact SVD of the
-  product of the exact Jacobians, in log scale), and beside it the released code's
+* the **lag sensitivity** :math:`S_{t,k}=\lVert J_t\cdots J_{k+1}\rVert_2` (exact spectral norm
+  of the product of the exact Jacobians, in log scale), and beside it the released code's
   estimator (5 power-iteration steps from a random start);
 * the **gate product** :math:`P_{t,k}`, the mean over neurons of the derived
   :math:`\mu_{t,\ell}` (:func:`symgate.effective_lrs`), in two conventions:
