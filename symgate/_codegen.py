@@ -149,6 +149,7 @@ class GeneratedSource:
     needed: set[str]  # state-dependent nodes BPTT reads (stored over T even in minimal runs)
     aliases: dict[int, int] = field(default_factory=dict)  # static group -> dynamic group sharing its adjoint
     x_elementwise: bool = False  # some elementwise node reads the input directly (its gradient is then always computed)
+    scratch: frozenset[str] = frozenset()  # arrays that may be one reused row for B >= STEP_WGRAD_MIN_B (_scratch_rows)
     content_hash: str = ""
 
 
@@ -403,8 +404,10 @@ class _Gen:
         if nm in self.group_of:
             g, off = self.group_of[nm]
             R = self.R(g)
-            if g.static:
+            if g.static and T:
                 return self.at(fn.ptr(f"{T}Y{g.index}", f"c.{T}Y{g.index}" + (tB + "c." + R if tB else "")), R, off, d)
+            if g.static:
+                return self.at(fn.ptr(f"Y{g.index}", f"c.Y{g.index}" + (f" + t*c.stY{g.index}" if tB else "")), R, off, d)
             step = "" if tangent else f" + t*c.stZ{g.index}"
             return self.at(fn.ptr(f"{T}Z{g.index}", f"c.{T}Z{g.index}{step}"), R, off, d)
         if nm in self.Q:
@@ -495,7 +498,7 @@ class _Gen:
                 return None  # the same adjoint is stored once, in the dynamic twin's buffer
             if g.static:
                 return ("step", fn.ptr(f"YA{g.index}", f"c.YA{g.index}" + (tB + "c." + R if tB else "")), R, off)  # type: ignore[return-value]
-            return ("step", fn.ptr(f"L{g.index}", f"c.L{g.index} + t*B*c.{R}"), R, off)  # type: ignore[return-value]
+            return ("step", fn.ptr(f"L{g.index}", f"c.L{g.index} + t*c.stL{g.index}"), R, off)  # type: ignore[return-value]
         if nm in self.QA:
             return ("step", fn.ptr(self.QA[nm], f"c.{self.QA[nm]}" + (tB + cD if tB else "")), D, "0")  # type: ignore[return-value]
         if nm in self.A:
@@ -742,6 +745,9 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     ints: list[tuple[Any, ...]] = [("T",), ("B",), ("o",)] + [("dim", d) for d in G.dims]
     ints += [("R", g.index) for g in G.dgroups] + [("RS", g.index) for g in G.sgroups]
     ints += [("stride", G.N[nm]) for nm in G.nodes] + [("stride", f"Z{g.index}") for g in G.dgroups]
+    # input products and group adjoints: (T, B, .) arrays, or one (B, .) row reused every step where
+    # nothing reads them across steps (see GeneratedSource.scratch)
+    ints += [("stride", f"Y{g.index}") for g in G.sgroups] + [("stride", f"L{g.index}") for g in G.dgroups]
     ints += [("has_cot", k) for k in range(len(G.states))]
 
     # ---------------------------------------------------------------- elementwise functions
@@ -809,7 +815,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
             R = G.R(g)
             offc = "" if off == "0" else " + " + _cexpr(off)
             base = f"c.Y{g.index}" if g.static else f"c.Z{g.index}"
-            step = f"c.B*c.{R}" if g.static else f"c.stZ{g.index}"
+            step = f"c.stY{g.index}" if g.static else f"c.stZ{g.index}"
             return (f"{base} + {t}*{step}{offc}" if t != "0" else f"{base}{offc}"), f"c.{R}"
         if nm in G.Q:
             return (f"c.{G.Q[nm]} + {t}*c.B*c.{d}" if t != "0" else f"c.{G.Q[nm]}"), f"c.{d}"
@@ -871,7 +877,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
             sp, ld = src_ptr(g.source, True, "t")
             c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
             fwd.append(f"            mm(0, 1, B, c.RS{g.index}, {c_}, 1, {sp}, {ld}, c.U{g.index}, {c_}, 0, "
-                       f"c.Y{g.index} + t*B*c.RS{g.index}, c.RS{g.index})")
+                       f"c.Y{g.index} + t*c.stY{g.index}, c.RS{g.index})")
     for it in calls_df:
         if isinstance(it, _Op):
             g = it.group
@@ -913,7 +919,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
             if g.source in G.N:
                 ld_t = f"c.{D[G.dim_of[g.source]]}"
             bwd.append(f"        if B >= {STEP_WGRAD_MIN_B}: mm(1, 0, {c_}, c.R{g.index}, B, 1, {sp_t}, {ld_t}, "
-                       f"c.L{g.index} + t*B*c.R{g.index}, c.R{g.index}, 0 if t == T - 1 else 1, c.WT{g.index}, c.R{g.index})")
+                       f"c.L{g.index} + t*c.stL{g.index}, c.R{g.index}, 0 if t == T - 1 else 1, c.WT{g.index}, c.R{g.index})")
             bwd.append(f"        # send the adjoints of {', '.join(g.members)} to {g.source}")
             if tgt is None:
                 continue
@@ -921,15 +927,18 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
             caller = {f"CN{k}": f"cn{k}" for k in range(len(G.states))}
             caller.update({v: f"c.{v}" for v in G.A.values()})
             for gg in G.dgroups:
-                caller[f"L{gg.index}"] = f"c.L{gg.index} + t*B*c.R{gg.index}"
+                caller[f"L{gg.index}"] = f"c.L{gg.index} + t*c.stL{gg.index}"
             tp, tld = tgt_ptr(tgt, caller)
-            bwd.append(f"        mm(0, 0, B, {c_}, c.R{g.index}, 1, c.L{g.index} + t*B*c.R{g.index}, c.R{g.index}, c.W{g.index}, {c_}, {beta}, {tp}, {tld})")
+            bwd.append(f"        mm(0, 0, B, {c_}, c.R{g.index}, 1, c.L{g.index} + t*c.stL{g.index}, c.R{g.index}, c.W{g.index}, {c_}, {beta}, {tp}, {tld})")
         else:
             bwd.append(f"        {it}")
     def static_wgrad(g: Group) -> tuple[str, str, str, str, str]:
-        """Operands of the weight gradient of static group ``g``: (source^T adjoint) over rows."""
-        ya, yld = (f"c.L{G.alias[g.index].index}", f"c.R{G.alias[g.index].index}") if g.index in G.alias else \
-            (f"c.YA{g.index}", f"c.RS{g.index}")
+        """Operands of the weight gradient of static group ``g`` at step ``t``: (source^T adjoint)."""
+        if g.index in G.alias:
+            a = G.alias[g.index].index
+            ya, yld = f"c.L{a} + t*c.stL{a}", f"c.R{a}"
+        else:
+            ya, yld = f"c.YA{g.index} + t*B*c.RS{g.index}", f"c.RS{g.index}"
         c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
         return c_, ya, yld, *src_ptr(g.source, True, "t")
 
@@ -940,7 +949,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
             g = it[0]
             c_, ya, yld, sp_t, ld_t = static_wgrad(g)
             bwd.append(f"        if B >= {STEP_WGRAD_MIN_B}: mm(1, 0, {c_}, c.RS{g.index}, B, 1, {sp_t}, {ld_t}, "
-                       f"{ya} + t*B*{yld}, {yld}, 0 if t == T - 1 else 1, c.UT{g.index}, c.RS{g.index})")
+                       f"{ya}, {yld}, 0 if t == T - 1 else 1, c.UT{g.index}, c.RS{g.index})")
     for k, s in enumerate(G.states):
         if f"CN{k}|0" not in step_written:
             bwd.append(f"        memset(cn{k}, 0, sizeof(real)*B*c.{D[G.dim_of[s]]})")
@@ -1313,13 +1322,52 @@ cdef int _checked(Ctx* c, const long long* sz, int what) noexcept nogil:
     return 0
 """
     source = header + body
+    scratch = _scratch_rows(G, fwd, bwd, jv)
     h = hashlib.sha256(source.encode()).hexdigest()
     source = source.replace("# content hash: (pending)", f"# content hash: {h}")
     source = source.replace('CONTENT_HASH = "(pending)"', f'CONTENT_HASH = "{h}"')
     return GeneratedSource(source, slots, ints, G.sgroups + G.dgroups, G.dims, G.states, G.nodes, G.static_nodes,
                            G.needed, aliases={k: g.index for k, g in G.alias.items()},
                            x_elementwise=any(src == G.xname for it in G.items.values() for src, _ in it.partials),
-                           content_hash=h)
+                           scratch=scratch, content_hash=h)
+
+
+def _scratch_rows(G: Any, fwd: list[str], bwd: list[str], jv: list[str]) -> frozenset[str]:
+    """The (T, B, .) arrays that may be a single (B, .) row reused every step (stride 0) when
+    the batch takes the per-step products (``B >= STEP_WGRAD_MIN_B``): an input product ``Y``
+    read only at its own step of the forward loop, and a group adjoint ``L`` read only at
+    its own step of the BPTT loop.  Read off the driver code: every other reference must sit
+    on a line that runs only for small batches (``if B < ...``) or only when the input
+    gradient is requested (``if c.GX != NULL``), in which cases the caller keeps every row."""
+    small = f"if B < {STEP_WGRAD_MIN_B}"
+
+    def only_per_step(code: str, lines: list[str], stride: str) -> bool:
+        pat = re.compile(rf"c\.{code}\b(?! \+ t\*c\.{stride}\b)")
+        in_small_block = False
+        for ln in lines:
+            stripped = ln.strip()
+            if stripped.startswith(small + ":") and stripped.endswith(":"):
+                in_small_block = True  # a block of its own: the indented lines below it
+                continue
+            if in_small_block and ln.startswith(" " * 8) and not ln.startswith("    for"):
+                continue
+            in_small_block = False
+            if stripped.startswith(small) or stripped.startswith("if c.GX != NULL"):
+                continue
+            if pat.search(ln):
+                return False
+        return True
+
+    out = set()
+    for g in G.sgroups:
+        c = f"Y{g.index}"
+        if only_per_step(c, fwd, f"st{c}") and not any(re.search(rf"c\.{c}\b", ln) for ln in bwd + jv):
+            out.add(c)
+    for g in G.dgroups:
+        c = f"L{g.index}"
+        if only_per_step(c, bwd, f"st{c}") and not any(re.search(rf"c\.{c}\b", ln) for ln in fwd + jv):
+            out.add(c)
+    return frozenset(out)
 
 
 def _header(cell: Cell, dt: np.dtype) -> str:

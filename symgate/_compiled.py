@@ -21,7 +21,7 @@ import numpy as np
 from ._aot import load as load_aot
 from ._build import SymgateWarning, build_module
 from ._cell import Cell, Dim
-from ._codegen import BACKWARD, FORWARD, JVP, LOSS_LAST, LOSS_STEP, GeneratedSource, Slot, generate
+from ._codegen import BACKWARD, FORWARD, JVP, LOSS_LAST, LOSS_STEP, STEP_WGRAD_MIN_B, GeneratedSource, Slot, generate
 from ._errors import CellSpecError, NonFiniteError, NumericalError, SymgateError
 from ._reference import Gradients, ReferenceKernel, Trajectory
 from ._validate import check_dtype
@@ -78,6 +78,9 @@ class _Run:
                 pool[key] = np.empty(shp, dtype=dt)
             return pool[key]
 
+        # batches that take the per-step products may keep some (T, B, .) arrays as one reused row
+        per_step = B >= STEP_WGRAD_MIN_B
+        gx = x_grad or g.x_elementwise  # the input gradient reads every row of the adjoints
         bwd_roles = {"carry", "carry2", "adj", "static_adj", "static_group_adj", "group_adj", "grad_stack", "grad_x", "grad"}
         for sl in g.slots:
             a: np.ndarray | None
@@ -104,6 +107,10 @@ class _Run:
                 a = empty(sl, shape(sl) if full else (B, sizes[sl.shape[-1]]))
             elif sl.role == "group":
                 a = empty(sl, shape(sl) if group_stored[sl.key.index] else shape(sl)[1:])
+            elif sl.role == "static_group" and per_step and not store_all and sl.code in g.scratch:
+                a = empty(sl, shape(sl)[1:])  # one row, rewritten every step (stride 0)
+            elif sl.role == "group_adj" and backward and per_step and not gx and sl.code in g.scratch:
+                a = empty(sl, shape(sl)[1:])  # one row, rewritten every step (stride 0)
             elif sl.role == "static_group_adj" and sl.key.index in g.aliases:
                 a = None  # shares the dynamic twin's adjoint buffer
             elif sl.role == "grad_x" and not x_grad and not g.x_elementwise:

@@ -179,6 +179,32 @@ def test_prepared_step_equals_backward_and_sees_in_place_updates() -> None:
         x[...] = np.random.default_rng(it).standard_normal(x.shape)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("name", ALL)
+def test_training_steps_that_reuse_one_row_buffers_match_the_reference(name: str, bias: bool) -> None:
+    """A prepared training step (no input gradient) with B >= STEP_WGRAD_MIN_B keeps the input
+    products and group adjoints that only their own step reads as one reused row; its loss
+    and gradients must equal the numpy reference, with and without biases (a bias gradient
+    sums a group adjoint over every row, so that adjoint keeps all its rows)."""
+    cell = sg.cells.builtin(name, bias=bias)
+    k, r = sg.compile(cell, "float64"), sg.reference_kernel(cell, "float64")
+    B = STEP_WGRAD_MIN_B + 3
+    prob = draw_problem(cell, 17, n=5, m=3, B=B, T=9)
+    loss = sg.losses.last_mse(prob.V, prob.y_last)
+    step = k.prepare(prob.params, prob.x, prob.h0, loss=loss)
+    value = step()
+    ref = r.backward(prob.params, prob.x, prob.h0, loss=loss)
+    tol = 64 * (prob.T + 1) * np.finfo(float).eps  # as in agree(): a few ulps per operation over T steps
+    assert abs(value - ref.value) <= tol * max(1.0, abs(ref.value))
+    scale = max(np.max(np.abs(v)) for v in ref.params.values())
+    for q in prob.params:
+        assert np.max(np.abs(step.grads.params[q] - ref.params[q])) <= tol * scale, q
+    # the path under test is taken: every built-in's input product fits in one row, and without
+    # biases its first group adjoint too
+    assert "Y0" in k.generated.scratch
+    assert bias or "L0" in k.generated.scratch
+
+
 def test_prepared_step_rejects_nan_bound_later_naming_the_array() -> None:
     cell, prob, p, x, h0, V, y = _vg_problem()
     step = sg.compile(cell, "float64").prepare(p, x, h0, loss=sg.losses.last_mse(V, y))
