@@ -214,7 +214,7 @@ def method_comparisons(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             rows.append({
                 "experiment": "s1", "quantity": f"slope s, released predictor ∏g ({model})",
                 "released_method": "5 power-iteration steps", "released_value": _iqr(cp["slope_s1_power_iteration"]),
-                "symgate_method": "exact spectral norm (SVD)", "symgate_value": _iqr(cp["slope_s1_exact_norm"]),
+                "symgate_method": "exact spectral norm", "symgate_value": _iqr(cp["slope_s1_exact_norm"]),
                 "source": [f"experiments.s1.summary.{model}.checkpoints[{last}].slope_s1_power_iteration",
                            f"experiments.s1.summary.{model}.checkpoints[{last}].slope_s1_exact_norm"],
             })
