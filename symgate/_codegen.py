@@ -853,9 +853,8 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     static_in_loop = bool(calls_sf) and all(isinstance(it, _Op) for it in calls_sf)
     fwd.append("    # state-independent part, all steps at once" +
                (f" (for B < {STEP_WGRAD_MIN_B}; else per step in the loop)" if static_in_loop else ""))
-    pre = "    if B < %d:" % STEP_WGRAD_MIN_B
     if static_in_loop:
-        fwd.append(pre)
+        fwd.append(f"    if B < {STEP_WGRAD_MIN_B}:")
     ind = "        " if static_in_loop else "    "
     for it in calls_sf:
         if isinstance(it, _Op):

@@ -113,7 +113,7 @@ class _Run:
                 a = empty(sl, shape(sl)[1:])  # one row, rewritten every step (stride 0)
             elif sl.role == "static_group_adj" and sl.key.index in g.aliases:
                 a = None  # shares the dynamic twin's adjoint buffer
-            elif sl.role == "grad_x" and not x_grad and not g.x_elementwise:
+            elif sl.role == "grad_x" and not gx:
                 a = None
             elif sl.role in bwd_roles:
                 a = empty(sl, shape(sl)) if backward else None

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .._errors import ConfigError
 
-__all__ = ["Job", "jobs_for", "run_job", "execute", "SCHEDULERS"]
+__all__ = ["Job", "jobs_for", "run_job", "execute", "local_cluster", "SCHEDULERS"]
 
 #: (experiment, settings as a dict, positional arguments after the settings)
 Job = tuple[str, dict, tuple]
