@@ -1348,7 +1348,7 @@ def _scratch_rows(G: Any, fwd: list[str], bwd: list[str], jv: list[str]) -> froz
             if stripped.startswith(small + ":") and stripped.endswith(":"):
                 in_small_block = True  # a block of its own: the indented lines below it
                 continue
-            if in_small_block and ln.startswith(" " * 8) and not ln.startswith("    for"):
+            if in_small_block and ln.startswith(" " * 8):
                 continue
             in_small_block = False
             if stripped.startswith(small) or stripped.startswith("if c.GX != NULL"):

@@ -4,8 +4,9 @@ r"""The measurements of the paper's simulations, computed exactly.
   of a run, ``(T, B, N, N)``, evaluated from the derived structured Jacobian.
 * :func:`lag_sensitivities` -- :math:`S_{t,k}=\lVert J_t\cdots J_{k+1}\rVert_2` for many
   ``(t, k)`` pairs, by the exact spectral norm (:func:`spectral_norms`) of products kept in
-  log scale (no underflow at long lags), and beside it the released code's estimator (5 power-iteration steps from a
-  random start, normalising by :math:`\lVert v\rVert+10^{-12}`), so their difference can be shown.
+  log scale (no underflow at long lags), and beside it the released code's estimator
+  (5 power-iteration steps from a random start, normalising by
+  :math:`\lVert v\rVert+10^{-12}`), so their difference can be shown.
 * :func:`lag_profile`, :func:`loglog_fit` -- the empirical profile
   :math:`\tilde\mu_{\rm eff}(h)=\mathrm{med}_{t-k=h}S/\mathrm{med}_{t-k=1}S`, the predicted
   one from a gate product :math:`P_{t,k}`, and the OLS slope :math:`s` of
@@ -129,8 +130,8 @@ def lag_sensitivities(J: np.ndarray, *, stride: int = 1, max_lag: int | None = N
     pairs at every lag.  For each endpoint the products
     :math:`P_{t,k}=P_{t,k+1}J_{k+1}` are built backwards in ``k``, rescaled whenever they
     shrink below 1e-100 (the scale is kept as a log), and their largest singular value is
-    computed exactly (:func:`spectral_norms`).  With ``power_iters`` the released estimator is evaluated on
-    the same products (``rng`` draws its start vectors).  Only starts ``k >= first_k`` are
+    computed exactly (:func:`spectral_norms`).  With ``power_iters`` the released estimator is
+    evaluated on the same products (``rng`` draws its start vectors).  Only starts ``k >= first_k`` are
     used (``first_k = 1`` keeps the pairs whose start step ``k`` exists, so that a gate
     product :math:`P_{t,k}` involving step ``k`` is defined).
 
