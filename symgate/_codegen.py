@@ -303,6 +303,19 @@ class _Gen:
         self.QA = {nm: f"QA{k}" for k, nm in enumerate(n for n in self.static_nodes if n not in self.local_adj)}
         self.max_temps = 0
 
+    def static_wgrad_in_loop(self, g: Group) -> bool:
+        """Whether the weight gradient of static group ``g`` may be accumulated step by step in the
+        reverse loop: its adjoint rows of step ``t`` must be complete at the end of iteration ``t``,
+        i.e. shared with a dynamic group's, or written only by state-dependent owners (a reader in
+        the state-independent part fills them after the loop)."""
+        if g.index in self.alias:
+            return True
+        for mem in g.members:
+            for rd in self.readers.get(mem, []):
+                if rd.startswith("@") or self.items[rd].static:
+                    return False
+        return True
+
     def _sole_reader(self, nm: str) -> tuple[str, sympy.Expr] | None:
         """The only reader of ``nm`` and the partial with respect to ``nm``, if the reader is elementwise."""
         rd = self.readers.get(nm, [])
@@ -944,7 +957,7 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     # the weight gradients of the static groups, step by step for B >= STEP_WGRAD_MIN_B (the step's
     # adjoints are complete at the end of its iteration), as for the dynamic groups above
     for it in calls_sb:
-        if isinstance(it, tuple):
+        if isinstance(it, tuple) and G.static_wgrad_in_loop(it[0]):
             g = it[0]
             c_, ya, yld, sp_t, ld_t = static_wgrad(g)
             bwd.append(f"        if B >= {STEP_WGRAD_MIN_B}: mm(1, 0, {c_}, c.RS{g.index}, B, 1, {sp_t}, {ld_t}, "
@@ -978,7 +991,10 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
             c_ = f"c.{D[g.cols]}" if g.cols != 1 else "1"
             ya, yld = (f"c.L{G.alias[g.index].index}", f"c.R{G.alias[g.index].index}") if g.index in G.alias else \
                 (f"c.YA{g.index}", f"c.RS{g.index}")
-            bwd.append(f"    if B < {STEP_WGRAD_MIN_B}: mm(1, 0, {c_}, c.RS{g.index}, c.T*c.B, 1, {sp}, {ld}, {ya}, {yld}, 0, "
+            # the whole-sequence product: for small batches, and for groups whose adjoint rows are
+            # only complete after the state-independent backward pass above (a reader outside the loop)
+            guard = f"if B < {STEP_WGRAD_MIN_B}: " if G.static_wgrad_in_loop(g) else ""
+            bwd.append(f"    {guard}mm(1, 0, {c_}, c.RS{g.index}, c.T*c.B, 1, {sp}, {ld}, {ya}, {yld}, 0, "
                        f"c.UT{g.index}, c.RS{g.index})")
             bwd.append(f"    transpose({c_}, c.RS{g.index}, c.UT{g.index}, c.GU{g.index})")
             if tgt is not None:

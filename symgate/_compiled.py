@@ -68,15 +68,19 @@ class _Run:
         arrays: dict[str, np.ndarray | None] = {}
         check: dict[str, bool] = {}
         results = {"grad_x", "grad_V", "carry", "grad_stack", "grad"}
+        owned: list[np.ndarray] = []  # arrays this run allocates (workspaces and results)
 
         def empty(sl: Slot, shp: tuple[int, ...]) -> np.ndarray:
             # workspace arrays (never returned to the caller) are reused between calls
             if pool is None or sl.role in results:
-                return np.empty(shp, dtype=dt)
-            key = (sl.code, shp)
-            if key not in pool:
-                pool[key] = np.empty(shp, dtype=dt)
-            return pool[key]
+                a = np.empty(shp, dtype=dt)
+            else:
+                key = (sl.code, shp)
+                if key not in pool:
+                    pool[key] = np.empty(shp, dtype=dt)
+                a = pool[key]
+            owned.append(a)
+            return a
 
         # batches that take the per-step products may keep some (T, B, .) arrays as one reused row
         per_step = B >= STEP_WGRAD_MIN_B
@@ -132,6 +136,7 @@ class _Run:
                     a = tangents[1][sl.key]
                 elif sl.role == "tan_state":
                     a = np.empty(shape(sl), dtype=dt)
+                    owned.append(a)
                 else:
                     a = empty(sl, shape(sl))
             else:  # state, static, stack, stack_t, static_group
@@ -168,8 +173,13 @@ class _Run:
         self.what = FORWARD | (BACKWARD if backward else 0) | (JVP if tangents is not None else 0) | \
             (0 if loss is None else (LOSS_STEP if step else LOSS_LAST))
         self.kernel = k
+        self.owned = owned
 
     def __call__(self) -> None:
+        fill = self.kernel.workspace_fill
+        if fill is not None:  # a testing aid: a value read before the program writes it shows up
+            for a in self.owned:
+                a.fill(fill)
         code = self.kernel.module.run(*self.addr, self.what)
         if code != 0:
             self.kernel._raise(code, self)
@@ -179,6 +189,11 @@ class CompiledKernel(ReferenceKernel):
     """A kernel whose forward pass, losses and BPTT are one compiled program (float32 or float64)."""
 
     backend = "compiled"
+
+    #: Testing aid: when set (e.g. to NaN), every array a run allocates -- workspaces reused
+    #: between calls and result buffers -- is filled with this value before each call, so a
+    #: value the program reads before writing it (a stale buffer) changes the result.
+    workspace_fill: float | None = None
 
     def __init__(self, cell: Cell, dtype: Any = "float64") -> None:
         super().__init__(cell, dtype)
@@ -364,6 +379,9 @@ class PreparedStep:
 
     def __call__(self) -> Any:
         r = self._run
+        if self.kernel.workspace_fill is not None:
+            for a in r.owned:
+                a.fill(self.kernel.workspace_fill)
         code = self._call(*r.addr, r.what)
         if code != 0:
             self.kernel._raise(code, r)
