@@ -102,3 +102,18 @@ def test_codegen_output_dir_error(tmp_path: Path, capsys: pytest.CaptureFixture[
     blocker.write_text("x")
     assert main(["codegen", "leaky", "-o", str(blocker / "sub")]) == 2
     assert "cannot create output directory" in capsys.readouterr().err
+
+
+def test_load_cell_lives_outside_the_cli(tmp_path: Path) -> None:
+    """The experiments load user cells without importing the command line module."""
+    import symgate._loading
+    import symgate.cli
+
+    assert symgate.cli.load_cell is symgate._loading.load_cell
+    f = tmp_path / "c.py"
+    f.write_text("import symgate as sg\n\n@sg.cell\ndef tiny(h: sg.State(), x: sg.Input(), W: sg.Matrix('n', 'n'), U: sg.Matrix('n', 'm')):\n"
+                 "    return sg.tanh(W @ h + U @ x)\n")
+    code = ("import sys\nfrom symgate.experiments._common import model_cell\n"
+            f"assert model_cell({str(f) + ':tiny'!r}).name == 'tiny'\nassert 'symgate.cli' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr

@@ -32,7 +32,7 @@ def model_cell(spec: str, *, alpha: float = 0.8) -> Cell:
     cell with its default options, and ``path/to/file.py:name`` a user's cell.
     """
     from .. import cells
-    from ..cli import load_cell
+    from .._loading import load_cell
 
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"a model is a cell name or 'file.py:name', got {spec!r}")
