@@ -46,7 +46,7 @@ from sympy.printing.c import C99CodePrinter
 
 from ._cell import Cell, Dim
 from ._derive import jacobian
-from ._derive._local import Owner, local_partials
+from ._derive._program import program
 from ._errors import CellSpecError
 
 __all__ = ["KernelPrinter", "generate", "GeneratedSource", "Slot", "Group"]
@@ -206,12 +206,8 @@ class _Fn:
 
 class _Gen:
     def __init__(self, cell: Cell, dt: np.dtype) -> None:
-        from ._reference import reference_kernel
-
         self.cell, self.dt = cell, dt
         self.printer = KernelPrinter(dt)
-        lp = local_partials(cell)
-        plan = reference_kernel(cell, "float64")._plan
         self.states = [s.name for s in cell.states]
         self.xname = cell.inputs[0].name
         self.dims: list[Dim] = list(cell.dims())
@@ -229,21 +225,14 @@ class _Gen:
         self.P = {p.name: f"P{k}" for k, p in enumerate(q for q in cell.params if q.kind == "vector")}
         self.p = {p.name: f"p{k}" for k, p in enumerate(q for q in cell.params if q.kind == "scalar")}
         items: list[_Item] = []
-        for st in plan:
+        for st in program(cell):
             it = _Item(st.name, st.kind, st.dim, st.static, matrix=st.matrix, source=st.source)
-            if st.kind == "linear":
-                it.deps = frozenset([st.source])  # type: ignore[list-item]
-            else:
-                if st.kind == "out":
-                    it.state = self.states.index(st.state)  # type: ignore[arg-type]
-                    owner = Owner(None, it.state)
-                    it.expr = cell.outputs[it.state]
-                else:
-                    nd = cell.node(st.name)
-                    owner = Owner(nd.symbol)  # type: ignore[union-attr]
-                    it.expr = nd.expr  # type: ignore[union-attr]
-                it.deps = frozenset(self.name_of[s] for s in it.expr.free_symbols)  # type: ignore[union-attr]
-                it.partials = [(self.name_of[s], e) for s, e in lp.partials[owner].items()]
+            if st.kind == "out":
+                it.state = self.states.index(st.state)  # type: ignore[arg-type]
+            if st.kind != "linear":
+                it.expr = st.expr
+                it.partials = [(nm, e) for nm, _d, e in st.partials]
+            it.deps = st.reads
             items.append(it)
         self.items = {it.name: it for it in items}
         leaves = {lf.name for lf in cell.leaves if lf.kind != "state"}

@@ -23,10 +23,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import sympy
 
-from ._cell import Cell, Dim, UnitSymbol
+from ._cell import Cell, Dim
 from ._derive import jacobian as _jacobian
 from ._derive import parameter_jacobian as _parameter_jacobian
-from ._derive._local import Owner, local_partials
+from ._derive._program import Step, program
 from ._errors import CellSpecError, ShapeError
 from ._functions import NUMPY_FUNCTIONS
 from ._linalg import matmul
@@ -83,25 +83,18 @@ def _lambdify(expr: sympy.Expr) -> tuple[Callable[..., Any], tuple[str, ...]]:
     return fn, tuple(s.name for s in syms)
 
 
-@dataclass
 class _Step:
-    """One owner (node or output) in evaluation order.
+    """One step of the cell's program (:mod:`symgate._derive._program`) with numpy evaluators.
 
-    ``expr`` and ``pexprs`` (the local partials) are SymPy; their numpy functions
-    (``value``, ``partials``) are lambdified on first use only, so kernels that never run
-    the numpy loops (compiled kernels) do not pay for it."""
+    The SymPy expressions of the value and the local partials are lambdified on first use
+    only, so kernels that never run the numpy loops (compiled kernels) do not pay for it."""
 
-    name: str
-    kind: str  # "fn" | "arith" | "linear" | "out"
-    dim: Dim
-    static: bool
-    expr: sympy.Expr | None = None
-    pexprs: list[tuple[str, Dim, sympy.Expr]] = field(default_factory=list)
-    matrix: str | None = None
-    source: str | None = None
-    state: str | None = None
-    _value: tuple[Callable[..., Any], tuple[str, ...]] | None = None
-    _partials: list[tuple[str, Dim, Callable[..., Any], tuple[str, ...]]] | None = None
+    def __init__(self, step: Step) -> None:
+        self.step = step
+        self.name, self.kind, self.dim, self.static = step.name, step.kind, step.dim, step.static
+        self.expr, self.matrix, self.source, self.state = step.expr, step.matrix, step.source, step.state
+        self._value: tuple[Callable[..., Any], tuple[str, ...]] | None = None
+        self._partials: list[tuple[str, Dim, Callable[..., Any], tuple[str, ...]]] | None = None
 
     @property
     def value(self) -> tuple[Callable[..., Any], tuple[str, ...]] | None:
@@ -112,7 +105,7 @@ class _Step:
     @property
     def partials(self) -> list[tuple[str, Dim, Callable[..., Any], tuple[str, ...]]]:
         if self._partials is None:
-            self._partials = [(name, dim, *_lambdify(e)) for name, dim, e in self.pexprs]
+            self._partials = [(name, dim, *_lambdify(e)) for name, dim, e in self.step.partials]
         return self._partials
 
 
@@ -170,29 +163,7 @@ class ReferenceKernel:
 
     # ------------------------------------------------------------------ plan
     def _make_plan(self) -> list[_Step]:
-        cell = self.cell
-        lp = local_partials(cell)
-        state_syms = {s.symbol for s in cell.states}
-        dynamic: set[UnitSymbol] = set(state_syms)
-        for nd in cell.nodes:
-            deps = {nd.source} if nd.kind == "linear" else nd.expr.free_symbols
-            if deps & dynamic:
-                dynamic.add(nd.symbol)
-        steps: list[_Step] = []
-        for nd in cell.nodes:
-            st = _Step(nd.name, nd.kind, nd.dim, nd.symbol not in dynamic)
-            if nd.kind == "linear":
-                st.matrix, st.source = nd.matrix, nd.source.name  # type: ignore[union-attr]
-            else:
-                st.expr = nd.expr
-                st.pexprs = [(sym.name, sym.dim, p) for sym, p in lp.partials[Owner(nd.symbol)].items()]
-            steps.append(st)
-        for i, s in enumerate(cell.states):
-            st = _Step(s.name + "'", "out", s.dim, False, state=s.name)
-            st.expr = cell.outputs[i]
-            st.pexprs = [(sym.name, sym.dim, p) for sym, p in lp.partials[Owner(None, i)].items()]
-            steps.append(st)
-        return steps
+        return [_Step(st) for st in program(self.cell)]
 
     # ------------------------------------------------------------- checking
     def _check(self, params: Any, x: Any, h0: Any) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], dict[Dim, int]]:
