@@ -14,7 +14,7 @@ from typing import Sequence
 
 from ._cell import Cell
 from ._derive import jacobian, parameter_jacobians
-from ._errors import SymgateError
+from ._errors import ConfigError, SymgateError
 from ._loading import load_cell as load_cell
 from .cells import BUILTIN, builtin
 
@@ -126,7 +126,15 @@ def _verify_rows(cells: Sequence[Cell], examples: int, seed: int, backend: str) 
     return rows, all_ok
 
 
+def _at_least(flag: str, value: int, lo: int) -> None:
+    """A one-line :class:`ConfigError` naming the flag when an integer option is below ``lo``."""
+    if value < lo:
+        raise ConfigError(f"{flag} must be >= {lo}, got {value}")
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
+    _at_least("--examples", args.examples, 1)
+    _at_least("--seed", args.seed, 0)
     c = load_cell(args.cell)
     rows, ok = _verify_rows([c], args.examples, args.seed, args.backend)
     print(_table(rows))
@@ -153,6 +161,10 @@ def _cmd_codegen(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _at_least("--examples", args.examples, 1)
+    _at_least("--random-cells", args.random_cells, 0)
+    _at_least("--compiled-random", args.compiled_random, 0)
+    _at_least("--seed", args.seed, 0)
     t0 = time.perf_counter()
     cells = [builtin(name) for name in BUILTIN]
     for c in cells:

@@ -117,3 +117,26 @@ def test_load_cell_lives_outside_the_cli(tmp_path: Path) -> None:
             f"assert model_cell({str(f) + ':tiny'!r}).name == 'tiny'\nassert 'symgate.cli' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["verify", "gru", "--examples", "0"], "--examples must be >= 1, got 0"),
+    (["verify", "gru", "--examples", "-3"], "--examples must be >= 1, got -3"),
+    (["verify", "gru", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["demo", "--examples", "0"], "--examples must be >= 1, got 0"),
+    (["demo", "--random-cells", "-1"], "--random-cells must be >= 0, got -1"),
+    (["demo", "--compiled-random", "-2"], "--compiled-random must be >= 0, got -2"),
+])
+def test_verify_that_would_check_nothing_is_an_error(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """No pass is reported without a check: a one-line error and exit status 2 instead."""
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    assert cap.err == f"symgate: error: {message}\n"
+
+
+def test_verify_examples_zero_exit_status_from_the_shell() -> None:
+    r = subprocess.run([sys.executable, "-m", "symgate", "verify", "gru", "--examples", "0"], capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["symgate: error: --examples must be >= 1, got 0"]

@@ -57,13 +57,19 @@ def battery_test_class(cell: Cell, *, examples: int = 3, seed: int = 0, backend:
     """A pytest test class with one test per battery check for ``cell``.
 
     ``backend="compiled"`` checks the cell's compiled kernels (and adds the
-    compiled == reference check).
+    compiled == reference check).  Each test runs its check on ``examples`` (at
+    least 1) problems drawn from ``seed``.
 
     >>> import symgate as sg
     >>> TestLeaky = sg.testing.battery_test_class(sg.cells.leaky())   # in a test module
     """
-    from ._battery import COMPILED_CHECKS
+    from ._battery import COMPILED_CHECKS, _check_backend, _check_cell, _check_int
     from ._battery import draw_problem as _draw
+
+    _check_cell("battery_test_class", cell)
+    examples = _check_int("examples", examples, 1)
+    seed = _check_int("seed", seed, 0)
+    _check_backend(backend)
 
     def make(check: str) -> Any:
         def test(self: Any) -> None:

@@ -50,6 +50,8 @@ step and unit that accumulate into one result.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -58,7 +60,7 @@ import sympy
 
 from .._cell import Cell, Dim
 from .._derive._local import local_partials
-from .._errors import VerificationError
+from .._errors import CellSpecError, ConfigError, VerificationError
 from .._functions import MPMATH_FUNCTIONS, NUMPY_FUNCTIONS
 from .._reference import ReferenceKernel, reference_kernel
 from ..losses import LastMSE, StepMSE
@@ -88,6 +90,32 @@ C_FD = 100.0
 C_ROUND = 64.0
 TOL_FD = C_FD * EPS64 ** (2.0 / 3.0)
 CS_STEP = 1e-30
+
+
+# ----------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------
+
+
+def _check_int(what: str, value: Any, lo: int) -> int:
+    """``value`` as a Python int, if it is an integer (not a bool) ``>= lo``; else :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{what} must be an integer >= {lo}, got {value!r} ({type(value).__name__})")
+    if int(value) < lo:
+        raise ConfigError(f"{what} must be an integer >= {lo}, got {int(value)}")
+    return int(value)
+
+
+def _check_cell(fn: str, cell: Any) -> Cell:
+    if not isinstance(cell, Cell):
+        raise CellSpecError(f"{fn}() takes a symgate Cell, got {type(cell).__name__}")
+    return cell
+
+
+def _check_backend(backend: Any) -> str:
+    if backend not in ("reference", "compiled"):
+        raise ConfigError(f"backend must be 'reference' or 'compiled', got {backend!r}")
+    return backend
 
 
 # ----------------------------------------------------------------------------
@@ -157,17 +185,21 @@ def draw_problem(
     [0.3, 1.2] unless given), so Jacobian products stay bounded; vectors and scalars
     are N(0, 0.5^2); inputs N(0, 1); initial states U(-0.5, 0.5).
     """
+    _check_cell("draw_problem", cell)
     seed = None
     if not isinstance(rng, np.random.Generator):
-        seed = int(rng)
+        seed = _check_int("draw_problem's seed", rng, 0)
         rng = np.random.default_rng(seed)
+    outputs = _check_int("outputs", outputs, 1)
     sizes: dict[Dim, int] = {1: 1}
     given = {"n": n, "m": m}
     for d in cell.dims():
         v = given.get(d)
-        sizes[d] = int(v) if v is not None else int(rng.integers(1, 6 if d != "m" else 4))
-    B = int(B) if B is not None else int(rng.integers(1, 4))
-    T = int(T) if T is not None else int(rng.integers(1, 7))
+        sizes[d] = _check_int(f"size {d}", v, 1) if v is not None else int(rng.integers(1, 6 if d != "m" else 4))
+    B = _check_int("batch size B", B, 1) if B is not None else int(rng.integers(1, 4))
+    T = _check_int("sequence length T", T, 1) if T is not None else int(rng.integers(1, 7))
+    if rho is not None and (isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho) or rho <= 0):
+        raise ConfigError(f"rho must be a finite positive number, got {rho!r}")
     rho = float(rho) if rho is not None else float(rng.uniform(0.3, 1.2))
     params: dict[str, np.ndarray] = {}
     for p in cell.params:
@@ -254,12 +286,10 @@ def _kernels(cell: Cell) -> tuple[ReferenceKernel, ReferenceKernel, ReferenceKer
 
 def _kernel(cell: Cell, dtype: str, backend: str) -> ReferenceKernel:
     """The kernel a check runs: numpy reference, or compiled (complex128 is reference-only)."""
-    if backend == "compiled" and dtype != "complex128":
+    if _check_backend(backend) == "compiled" and dtype != "complex128":
         from .._compiled import compile as _compile
 
         return _compile(cell, dtype)
-    if backend not in ("reference", "compiled"):
-        raise ValueError(f"backend must be 'reference' or 'compiled', got {backend!r}")
     return reference_kernel(cell, dtype)
 
 
@@ -578,7 +608,10 @@ def verify(
     compiled on first use) and adds the ``compiled`` check (compiled == numpy reference);
     the complex-step forward pass is always the numpy reference's.
 
-    ``examples`` random problems are drawn from ``seed`` (or pass ``problems``).
+    ``examples`` random problems are drawn from ``seed`` (or pass ``problems``, drawn
+    for this very cell); ``checks`` selects checks by name (default: all).  A call
+    that would run no check (``examples < 1``, an empty ``problems`` or ``checks``)
+    raises :class:`~symgate.ConfigError` rather than report a pass.
     With ``raise_on_failure`` (the default) a failed check raises
     :class:`~symgate.VerificationError` listing every failure, so the call can sit
     directly in a user's test suite:
@@ -587,16 +620,38 @@ def verify(
     >>> sg.testing.verify(sg.cells.leaky(), examples=1).passed
     True
     """
-    if backend not in ("reference", "compiled"):
-        raise ValueError(f"backend must be 'reference' or 'compiled', got {backend!r}")
+    _check_cell("verify", cell)
+    _check_backend(backend)
+    examples = _check_int("examples", examples, 1)
+    seed = _check_int("seed", seed, 0)
     table = dict(CHECKS, **COMPILED_CHECKS) if backend == "compiled" else CHECKS
-    names = list(table) if checks is None else list(checks)
-    unknown = [c for c in names if c not in table]
+    if checks is None:
+        names = list(table)
+    elif isinstance(checks, str):
+        names = [checks]
+    elif hasattr(checks, "__iter__"):
+        names = list(checks)
+    else:
+        raise ConfigError(f"checks must be None or check names, got {checks!r} ({type(checks).__name__})")
+    if not names:
+        raise ConfigError(f"checks is empty: no check would run; give None (all) or some of {list(table)}")
+    unknown = [c for c in names if not isinstance(c, str) or c not in table]
     if unknown:
-        raise ValueError(f"unknown check(s) {unknown} for backend {backend!r}; available: {list(table)}")
-    report = VerificationReport(cell.name)
+        raise ConfigError(f"unknown check(s) {unknown} for backend {backend!r}; available: {list(table)}")
     if problems is None:
         problems = [draw_problem(cell, seed * 1_000_003 + i) for i in range(examples)]
+    elif not hasattr(problems, "__iter__"):
+        raise ConfigError(f"problems must be None or Problems, got {problems!r} ({type(problems).__name__})")
+    else:
+        problems = list(problems)
+        if not problems:
+            raise ConfigError("problems is empty: no check would run; give None (draw `examples` problems) or some Problems")
+        for i, prob in enumerate(problems):
+            if not isinstance(prob, Problem):
+                raise ConfigError(f"problems[{i}] is a {type(prob).__name__}, not a symgate.testing.Problem")
+            if prob.cell is not cell:
+                raise ConfigError(f"problems[{i}] was drawn for cell {prob.cell.name!r}, not for the cell {cell.name!r} being verified")
+    report = VerificationReport(cell.name)
     for prob in problems:
         for c in names:
             report.results.append(table[c](prob, backend=backend))
