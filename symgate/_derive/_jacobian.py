@@ -13,16 +13,53 @@ contributes one *term*, a chain of factors
 So the derived Jacobian is a sum of chains such as
 ``diag(g) diag(1 - phi**2) W + diag(1 - g) + diag(phi - h) diag(g*(1 - g)) Wg``
 (the vector-gate cell), never an n x n matrix of scalar entries: the symbolic
-work does not depend on the hidden size.  Each term carries its *origin*:
+work does not depend on the hidden size.  Each term carries its *origin*, decided
+by what its path passes through on the way from the update to the state:
 
 ``leak``
-    no matrix on the path: the diagonal, direct dependence on the state;
+    no recurrent parameter on the path: the parameter-free dependence of the update
+    on the state (``diag(1 - g)``, ``(1 - alpha) I``);
 ``candidate``
-    the path enters the recurrent weights through a non-gate quantity;
+    the path enters a recurrent parameter, and the segment that leads to its first
+    entry passes through no gate (``diag(g) diag(1 - phi**2) W``);
 ``gate``
-    the path enters through a gate (a sigmoid node): the gate-derivative terms;
+    the segment that leads to the first entry passes through a gate (a sigmoid node,
+    or a node marked with ``.as_gate()``): the gate-derivative terms;
 ``reset``
-    it enters through a candidate and then through a gate (GRU's reset path).
+    the first entry is not through a gate but a later one is (GRU's reset path,
+    ``W_n`` and then ``W_r`` through the reset gate ``r``).
+
+A path *enters a recurrent parameter* where it crosses a Linear node ``z = M v``
+(the matrix ``M``), and where it takes a hop from an interior node whose dependence
+on the next quantity is weighted by a trained vector or scalar
+(:attr:`~symgate._derive._local.LocalPartials.through`): ``w`` in
+``tanh(w*h + U x)``, ``v`` in ``sigmoid(v*h + Ug x)``, ``s`` in ``tanh(s*h)``, or a
+reparametrised parameter such as ``exp(theta)`` in ``tanh(exp(theta)*h)``.  So a
+trained recurrent path is never the leak, whatever the shape of its weight.  Not
+entries:
+
+* the update's own coefficients: the hops out of the state update, and out of the
+  arithmetic sub-expressions of the update that have a node of their own (made by
+  ``.named()`` or by bounded tracing; gate-marked nodes excepted).  ``(1 - g)*h``,
+  ``(1 - a)*h`` with ``a = sigmoid(theta)``, and ``s*h`` with ``s`` a Scalar (a learned
+  leak coefficient) are leaks, however the update is split into nodes;
+* a bias inside an elementwise function (``tanh(h + b)``): for a function node only
+  the derivative of its argument is inspected (the function's slope, like ``D_t``,
+  is part of every path through it);
+* constants (not trainable) and time-varying quantities (``r`` in ``W (r*h)``).
+
+A path with no entry is a leak even when it passes through nodes: in
+``0.5*h + 0.5*tanh(h + U x)`` both terms are leaks, ``0.5 I + 0.5 diag(1 - phi**2)``
+(nothing trained acts on the state along them), and so is the derivative term of a
+gate that reads the state without a weight (``sigmoid(h + Ug x)``).  Per state block of a multi-state
+cell the rule is the same (the LSTM's ``dc'/dc = diag(f)`` is a leak).  The built-in
+cells' recurrent weights are all matrices, so for them the rule reduces to "a matrix
+on the path".
+
+Paths are enumerated iteratively (graphs may be thousands of nodes deep), and a
+Jacobian with more than :data:`MAX_CHAINS` chains is refused with a
+:class:`~symgate.CellSpecError` (their number can grow exponentially with the depth
+of a graph whose levels each read the previous one twice).
 """
 
 from __future__ import annotations
@@ -509,59 +546,142 @@ def _factor(owner_dim: Dim, sym_dim: Dim, partial: sympy.Expr) -> Factor:
     raise AssertionError("a per-unit quantity cannot read a wider one")  # pragma: no cover
 
 
+#: The most chains (terms) a derived Jacobian may have.  Each chain is one path through
+#: the cell graph; a graph in which every level reads the previous one through two
+#: nodes has exponentially many.  The built-in cells have at most a few terms per block
+#: and hand-written cells a few dozen, so 1024 leaves two orders of magnitude of room
+#: while keeping printing, evaluation and kernel generation (linear in the number of
+#: chains) well under a second per term class.
+MAX_CHAINS = 1024
+
+
 @dataclass(frozen=True)
 class _Path:
     factors: tuple[Factor, ...]
     nodes: tuple[str, ...]
-    # one flag per matrix crossed: does the segment of the path that leads to this
-    # matrix (from the output or the previous matrix) pass through a gate?
+    # one flag per entry of the path into a recurrent parameter (a matrix crossed, or
+    # a hop weighted by a trainable vector/scalar): does the segment of the path that
+    # leads to this entry (from the output or the previous entry) pass through a gate?
     entries: tuple[bool, ...]
 
 
-def _walk(lp: LocalPartials, owner: Owner, owner_dim: Dim, targets: frozenset[UnitSymbol], stop_at_linear: bool,
-          memo: dict) -> list[_Path]:
-    key = (owner, targets, stop_at_linear)
-    if key in memo:
-        return memo[key]
+# A walk state: (owner, at_update_level, targets).  ``at_update_level`` is true for the
+# update itself and for the (non-gate) arithmetic nodes reached from it through
+# arithmetic nodes only: sub-expressions of the update that were given a node of their
+# own (by ``.named()``, or when tracing bounds expression sizes).  Hops out of them
+# are the update's own coefficients (a learned leak ``s*h`` stays a leak), so the
+# origin of a path does not depend on how the update was split into nodes.
+_Key = tuple  # (Owner, bool, frozenset[UnitSymbol])
+
+
+def _hops(lp: LocalPartials, key: _Key) -> Iterable[tuple[UnitSymbol, sympy.Expr, Any, Any]]:
+    """The hops out of a walk state: ``(symbol, partial, node, child)`` with ``child`` the
+    walk state the path continues in, or None when the hop reaches a target (directly,
+    or through a Linear node whose source is a target)."""
+    owner, top, targets = key
     cell = lp.cell
-    owner_node = cell.node(owner.symbol) if owner.symbol is not None else None
-    owner_is_gate = bool(owner_node is not None and owner_node.is_gate)
-    paths: list[_Path] = []
     for sym, partial in lp.partials[owner].items():
-        f = _factor(owner_dim, sym.dim, partial)
         if sym in targets:
-            paths.append(_Path((f,), (), ()))
+            yield sym, partial, None, None
             continue
         nd = cell.node(sym)
         if nd is None:
             continue  # a leaf that is not a target
         if nd.kind == "linear":
-            if stop_at_linear:
+            src = nd.source
+            if src in targets:
+                yield sym, partial, nd, None
                 continue
+            if cell.node(src) is None:
+                continue
+            yield sym, partial, nd, (Owner(src), False, targets)
+        else:
+            yield sym, partial, nd, (Owner(sym), top and nd.kind == "arith" and not nd.is_gate, targets)
+
+
+def _walk(lp: LocalPartials, owner: Owner, targets: frozenset[UnitSymbol], memo: dict, what: str) -> list[_Path]:
+    """Every path from ``owner`` (an updated state) to ``targets``, as chains of factors.
+
+    Iterative (the graph may be thousands of nodes deep): the walk states reachable from
+    the root are put in post-order, the number of paths is counted by dynamic programming
+    (so an exponential number is refused before any is built: more than
+    :data:`MAX_CHAINS` raises :class:`CellSpecError`), then the paths are assembled from
+    the leaves up.  ``memo`` is shared between walks of one cell.
+    """
+    cell = lp.cell
+    root: _Key = (owner, True, targets)
+    paths_memo: dict = memo.setdefault("paths", {})
+    count_memo: dict = memo.setdefault("count", {})
+    if root in paths_memo:
+        return paths_memo[root]
+    # post-order of the walk states not derived yet (a DAG: no state is its own descendant)
+    order: list[_Key] = []
+    seen: set = set()
+    stack: list[tuple[_Key, bool]] = [(root, False)]
+    while stack:
+        key, expanded = stack.pop()
+        if expanded:
+            order.append(key)
+            continue
+        if key in seen or key in paths_memo:
+            continue
+        seen.add(key)
+        stack.append((key, True))
+        for _, _, _, child in _hops(lp, key):
+            if child is not None and child not in seen and child not in paths_memo:
+                stack.append((child, False))
+    cap = MAX_CHAINS + 1
+    for key in order:
+        if key in count_memo:
+            continue
+        count_memo[key] = min(cap, sum(1 if child is None else count_memo[child] for _, _, _, child in _hops(lp, key)))
+    if count_memo[root] > MAX_CHAINS:
+        raise CellSpecError(
+            f"{what} of cell {cell.name!r} has more than {MAX_CHAINS} chains (terms): the cell graph has "
+            "too many distinct paths from the update to the state (nodes that each read the previous "
+            "level more than once multiply them); give shared quantities fewer readers"
+        )
+    for key in order:
+        paths_memo[key] = _paths_of(lp, key, paths_memo)
+    return paths_memo[root]
+
+
+def _paths_of(lp: LocalPartials, key: _Key, paths_memo: dict) -> list[_Path]:
+    """The paths of one walk state, from the paths of the states it continues in."""
+    owner, top, _ = key
+    cell = lp.cell
+    owner_dim = lp.dim[owner]
+    owner_node = cell.node(owner.symbol) if owner.symbol is not None else None
+    owner_is_gate = bool(owner_node is not None and owner_node.is_gate)
+    through = lp.through.get(owner, {})
+    paths: list[_Path] = []
+    for sym, partial, nd, child in _hops(lp, key):
+        f = _factor(owner_dim, sym.dim, partial)  # type: ignore[arg-type]
+        # a hop from inside the cell weighted by a trained vector/scalar enters a recurrent parameter
+        weighted = not top and bool(through.get(sym))
+        if nd is None:  # the target itself
+            paths.append(_Path((f,), (), (owner_is_gate,) if weighted else ()))
+            continue
+        if nd.kind == "linear":
             src = nd.source
             src_node = cell.node(src)
             src_dim = src_node.dim if src_node is not None else cell.leaf(src).dim  # type: ignore[union-attr]
             mat = Factor("matrix", nd.dim, src_dim, matrix=nd.matrix)
-            if src in targets:
+            if child is None:
                 paths.append(_Path((f, mat), (nd.name,), (owner_is_gate,)))
                 continue
-            if src_node is None:
-                continue
-            for rest in _walk(lp, Owner(src), src_node.dim, targets, stop_at_linear, memo):
-                paths.append(_Path((f, mat) + rest.factors, (nd.name, src_node.name) + rest.nodes, (owner_is_gate,) + rest.entries))
-        else:
-            for rest in _walk(lp, Owner(sym), nd.dim, targets, stop_at_linear, memo):
-                entries = rest.entries
-                if entries and owner_is_gate:
-                    entries = (True,) + entries[1:]
-                paths.append(_Path((f,) + rest.factors, (nd.name,) + rest.nodes, entries))
-    memo[key] = paths
+            for rest in paths_memo[child]:
+                paths.append(_Path((f, mat) + rest.factors, (nd.name, src_node.name) + rest.nodes,  # type: ignore[union-attr]
+                                   (owner_is_gate,) + rest.entries))
+            continue
+        for rest in paths_memo[child]:
+            entries = rest.entries
+            if weighted:
+                entries = (owner_is_gate,) + entries
+            elif entries and owner_is_gate:
+                entries = (True,) + entries[1:]
+            paths.append(_Path((f,) + rest.factors, (nd.name,) + rest.nodes, entries))
     return paths
-
-
-def _walk_to_linear(lp: LocalPartials, owner: Owner, owner_dim: Dim, linear: UnitSymbol, memo: dict) -> list[_Path]:
-    """Paths from ``owner`` to the output of the Linear node ``linear`` (target treated as a leaf)."""
-    return _walk(lp, owner, owner_dim, frozenset([linear]), False, memo)
 
 
 def _origin(p: _Path) -> str:
@@ -586,7 +706,8 @@ def _to_structured(of: str, wrt: str, rows: Dim, cols: Dim, paths: Iterable[_Pat
 def _state_block(cell: Cell, i: int, j: int, memo: dict) -> StructuredJacobian:
     lp = local_partials(cell)
     out_state, in_state = cell.states[i], cell.states[j]
-    paths = _walk(lp, Owner(None, i), out_state.dim, frozenset([in_state.symbol]), False, memo)
+    what = f"the state Jacobian d{out_state.name}'/d{in_state.name}"
+    paths = _walk(lp, Owner(None, i), frozenset([in_state.symbol]), memo, what)
     return _to_structured(out_state.name + "'", in_state.name, out_state.dim, in_state.dim, paths)
 
 
@@ -653,13 +774,16 @@ def parameter_jacobian(cell: Cell, param: str, of: str | None = None) -> ParamJa
     if p.kind == "matrix":
         for nd in cell.nodes:
             if nd.kind == "linear" and nd.matrix == param:
-                paths = _walk_to_linear(lp, Owner(None, i), st.dim, nd.symbol, memo)
+                # paths to the Linear node's output (treated as a leaf)
+                paths = _walk(lp, Owner(None, i), frozenset([nd.symbol]), memo,
+                              f"the parameter Jacobian d+{of}'/d{param} (through {nd.name})")
                 C = _to_structured(of + "'", nd.name, st.dim, nd.dim, paths)
                 if C.terms:
                     pieces.append((C, nd.source))
     else:
         lf = cell.leaf(param)
-        paths = _walk(lp, Owner(None, i), st.dim, frozenset([lf.symbol]), False, memo)  # type: ignore[union-attr]
+        paths = _walk(lp, Owner(None, i), frozenset([lf.symbol]), memo,  # type: ignore[union-attr]
+                      f"the parameter Jacobian d+{of}'/d{param}")
         C = _to_structured(of + "'", param, st.dim, lf.dim, paths)  # type: ignore[union-attr]
         if C.terms:
             pieces.append((C, None))
