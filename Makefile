@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.symgate-installed
 .PHONY: demo test test-fast test-slow bench install clean
 
 # the built-in cells' kernels are generated and compiled at install: reinstall when the generator changes
-$(STAMP): pyproject.toml setup.py symgate/_codegen.py symgate/_build.py symgate/cells.py symgate/_aot.py
+$(STAMP): pyproject.toml setup.py $(wildcard symgate/_codegen/*.py symgate/_derive/*.py) symgate/_build.py symgate/cells.py symgate/_aot.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
