@@ -301,8 +301,10 @@ class VerificationReport:
 # ----------------------------------------------------------------------------
 
 
-def _kernels(cell: Cell) -> tuple[ReferenceKernel, ReferenceKernel, ReferenceKernel]:
-    return reference_kernel(cell, "float64"), reference_kernel(cell, "complex128"), reference_kernel(cell, "float32")
+# Substitution points.  Every kernel a check runs comes from _kernel, every random direction
+# from _direction, and every float64 local partial of the mpmath check from _float64_partial,
+# looked up at call time: the battery's own tests (tests/test_battery_pinned.py) replace them
+# to inject defects of a known size into what a check compares.
 
 
 def _kernel(cell: Cell, dtype: str, backend: str) -> ReferenceKernel:
@@ -418,7 +420,7 @@ def _absolute_readout_gradient(cell: Cell, params: Mapping[str, np.ndarray], x: 
 def check_bptt_complex_step(prob: Problem, loss: str = "last", backend: str = "reference") -> CheckResult:
     """BPTT gradient vs the complex-step derivative of the loss along a random direction
     (the complex forward pass is always the numpy reference's)."""
-    k, kc = _kernel(prob.cell, "float64", backend), reference_kernel(prob.cell, "complex128")
+    k, kc = _kernel(prob.cell, "float64", backend), _kernel(prob.cell, "complex128", "reference")
     rng = np.random.default_rng(abs(prob.seed) + 17)
     dp, dh, dx = _direction(prob, rng)
     g = k.backward(prob.params, prob.x, prob.h0, loss=prob.loss(loss))
@@ -475,6 +477,11 @@ def check_adjoint(prob: Problem, backend: str = "reference") -> CheckResult:
     return CheckResult("adjoint", abs(lhs - rhs) / scale, C_ROUND * (prob.T + 1) * EPS64, prob.describe())
 
 
+def _float64_partial(label: str, symbols: Sequence[sympy.Symbol], partial: sympy.Expr) -> Callable[..., Any]:
+    """The float64 route of the mpmath check: the local partial ``label`` (``"dq/dv"``) lambdified for numpy."""
+    return sympy.lambdify(symbols, partial, modules=[NUMPY_FUNCTIONS, "numpy"])
+
+
 def check_mpmath(prob: Problem, points: int = 2, backend: str = "reference") -> CheckResult:
     """Each local partial, in float64 from forward values, vs mpmath 50-digit numerical differentiation."""
     import mpmath
@@ -492,7 +499,8 @@ def check_mpmath(prob: Problem, points: int = 2, backend: str = "reference") -> 
             f_mp = sympy.lambdify(syms, expr, modules=[MPMATH_FUNCTIONS, "mpmath"])
             for sym, partial in parts.items():
                 psyms = sorted(partial.free_symbols, key=lambda s: s.name)
-                f64 = sympy.lambdify(psyms, partial, modules=[NUMPY_FUNCTIONS, "numpy"])
+                label = f"d{'out' if owner.symbol is None else owner.symbol.name}/d{sym.name}"
+                f64 = _float64_partial(label, psyms, partial)
                 for _ in range(points):
                     b = int(rng.integers(prob.B))
 
@@ -515,8 +523,7 @@ def check_mpmath(prob: Problem, points: int = 2, backend: str = "reference") -> 
                     got = float(f64(*[point[s.name] for s in psyms]))
                     e = abs(float(true) - got) / max(1.0, abs(got))
                     if e > worst:
-                        name = "out" if owner.symbol is None else owner.symbol.name
-                        worst, where = e, f"d{name}/d{sym.name}"
+                        worst, where = e, label
     return CheckResult("mpmath", worst, C_ROUND * EPS64, f"worst at {where}; {prob.describe()}")
 
 
@@ -561,7 +568,7 @@ def check_compiled(prob: Problem, backend: str = "compiled") -> CheckResult:
     accumulated over the steps, hence ``C_ROUND * (T+1) * eps`` relative to each quantity's
     largest magnitude (at least 1)."""
     cell = prob.cell
-    k, r = _kernel(cell, "float64", "compiled"), reference_kernel(cell, "float64")
+    k, r = _kernel(cell, "float64", "compiled"), _kernel(cell, "float64", "reference")
     worst, where = 0.0, ""
     fk, fr = k.forward(prob.params, prob.x, prob.h0), r.forward(prob.params, prob.x, prob.h0)
     pairs = [(f"state {s}", fk.states[s], fr.states[s]) for s in cell.state_names]
