@@ -33,6 +33,7 @@ import inspect
 import keyword
 import math
 import numbers
+import operator
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -310,6 +311,67 @@ class _Builder:
         self.by_symbol[node.symbol] = node
         return Var(node.symbol, node.dim, self)
 
+    # -- bounded expressions ---------------------------------------------------
+    def materialise(self, v: "Var") -> None:
+        """Turn the compound quantity ``v`` into an arithmetic node, in place: ``v`` (and
+        every later use of it) then reads the node's symbol."""
+        node = Node(name="", kind="arith", symbol=self.new_symbol(v.dim), dim=v.dim, expr=v.expr)
+        self.add(node)
+        v.expr, v._size, v._parts = node.symbol, 0, None
+
+    def bound(self, operands: Sequence[Any]) -> None:
+        """Make room for an operation on ``operands`` whose result would exceed
+        :data:`MAX_EXPR_OPS` operations.
+
+        The traced expressions are trees while the body's dataflow is a DAG: a quantity
+        used twice is copied twice, and ``e = (e + h) * e`` repeated doubles the tree per
+        level.  So first every compound quantity that the pending operation reaches more
+        than once (through the operations that built its operands) becomes a node, inner
+        ones first, and the quantities built from it are rebuilt on its symbol; then, if
+        the result would still be too large, the largest compound operands become nodes.
+        Every node's expression stays below the limit and each shared quantity is one
+        node, so derivation is linear in the number of operations.
+        """
+        refs: dict[int, int] = {}
+        seen: set[int] = set()
+        order: list[Var] = []
+        stack: list[tuple[Var, bool]] = []
+        for o in operands:
+            if isinstance(o, Var) and o._parts is not None:
+                refs[id(o)] = refs.get(id(o), 0) + 1
+                stack.append((o, False))
+        while stack:  # post-order over the compound quantities the operands were built from
+            v, done = stack.pop()
+            if done:
+                order.append(v)
+                continue
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            stack.append((v, True))
+            for o in v._parts[1]:  # type: ignore[index]
+                if isinstance(o, Var) and o._parts is not None:
+                    refs[id(o)] = refs.get(id(o), 0) + 1
+                    if id(o) not in seen:
+                        stack.append((o, False))
+        changed: set[int] = set()
+        for v in order:
+            fn, ops = v._parts  # type: ignore[misc]
+            if any(isinstance(o, Var) and id(o) in changed for o in ops):
+                v.expr = sympy.sympify(fn(*[o.expr if isinstance(o, Var) else o for o in ops]))
+                v._size = 1 + sum(o._size for o in ops if isinstance(o, Var))
+                if v.expr.is_Atom:
+                    v._size, v._parts = 0, None
+                changed.add(id(v))
+            if refs[id(v)] > 1 and v._parts is not None:
+                self.materialise(v)
+                changed.add(id(v))
+        # still too large: the largest compound operands become nodes
+        pending = [o for o in operands if isinstance(o, Var)]
+        while 1 + sum(o._size for o in pending) > MAX_EXPR_OPS:
+            largest = max((o for o in pending if o._parts is not None), key=lambda o: o._size)
+            self.materialise(largest)
+
 
 class _TracedAttributeError(CellSpecError, AttributeError):
     """Unknown attribute of a traced quantity (an AttributeError too, so ``hasattr`` works)."""
@@ -356,16 +418,52 @@ def _broadcast(d1: Dim, d2: Dim, op: str) -> Dim:
     raise ShapeError(f"cannot combine quantities of dimension {d1!r} and {d2!r} with '{op}'")
 
 
-class Var:
-    """A traced vector quantity inside a cell body (supports + - * / ** and functions)."""
+#: The most operations one traced expression may have.  An operation whose result would
+#: be larger first turns compound operands into arithmetic nodes (see
+#: :meth:`_Builder.bound`), so every node's expression, its SymPy derivatives and its
+#: printed form stay small, and a body that reuses quantities (``e = (e + h) * e``,
+#: repeated) derives in time linear in its length instead of doubling per level.  The
+#: largest expression of the built-in cells and of the random and feature cell pools has
+#: 10 operations (a sum of a dozen two-factor products has 23), so hand-written bodies
+#: trace exactly as without the bound.
+MAX_EXPR_OPS = 64
 
-    __slots__ = ("expr", "dim", "_b")
+
+def _is_compound(expr: sympy.Expr) -> bool:
+    return not expr.is_Atom
+
+
+class Var:
+    """A traced vector quantity inside a cell body (supports + - * / ** and functions).
+
+    A compound quantity (the result of an arithmetic operation) also records its size
+    (the number of operations in its expression tree, counted as traced) and how it was
+    built (the operation and its operands), so that shared parts can be made nodes
+    when an expression would grow past :data:`MAX_EXPR_OPS`.
+    """
+
+    __slots__ = ("expr", "dim", "_b", "_size", "_parts")
     __array_priority__ = 1000
 
-    def __init__(self, expr: sympy.Expr, dim: Dim, builder: _Builder) -> None:
+    def __init__(self, expr: sympy.Expr, dim: Dim, builder: _Builder, size: int = 0,
+                 parts: tuple[Callable[..., Any], tuple[Any, ...]] | None = None) -> None:
         self.expr = expr
         self.dim = dim
         self._b = builder
+        if parts is None or not _is_compound(expr):
+            size, parts = 0, None
+        self._size = size
+        self._parts = parts
+
+    def _combine(self, f: Callable[..., Any], operands: tuple[Any, ...], dim: Dim, op: str) -> "Var":
+        """The quantity ``f(*operands)`` (operands: traced quantities or SymPy numbers)."""
+        size = 1 + sum(o._size for o in operands if isinstance(o, Var))
+        if size > MAX_EXPR_OPS:
+            self._b.bound(operands)
+            size = 1 + sum(o._size for o in operands if isinstance(o, Var))
+        expr = sympy.sympify(f(*[o.expr if isinstance(o, Var) else o for o in operands]))
+        _check_finite(expr, op)
+        return Var(expr, dim, self._b, size, (f, operands))
 
     # -- operands ------------------------------------------------------------
     def _coerce(self, other: Any, op: str) -> tuple[sympy.Expr, Dim]:
@@ -407,9 +505,8 @@ class Var:
     def _bin(self, other: Any, op: str, f: Callable[[Any, Any], Any], reflected: bool = False) -> "Var":
         oe, od = self._coerce(other, op)
         dim = _broadcast(self.dim, od, op)
-        expr = sympy.sympify(f(oe, self.expr) if reflected else f(self.expr, oe))
-        _check_finite(expr, op)
-        return Var(expr, dim, self._b)
+        o = other if isinstance(other, Var) else oe
+        return self._combine(f, (o, self) if reflected else (self, o), dim, op)
 
     def __add__(self, o: Any) -> "Var":
         return self._bin(o, "+", lambda a, b: a + b)
@@ -436,7 +533,7 @@ class Var:
         return self._bin(o, "/", lambda a, b: a / b, True)
 
     def __neg__(self) -> "Var":
-        return Var(-self.expr, self.dim, self._b)
+        return self._combine(operator.neg, (self,), self.dim, "-")
 
     def __pos__(self) -> "Var":
         return self
@@ -444,9 +541,8 @@ class Var:
     def __pow__(self, p: Any) -> "Var":
         if isinstance(p, Var) or not isinstance(p, numbers.Real) or isinstance(p, bool) or not math.isfinite(float(p)):
             raise CellSpecError(f"exponent {p!r} must be a finite real number (v ** p with a constant p)")
-        expr = self.expr ** sympy.nsimplify(p)
-        _check_finite(expr, "**")
-        return Var(expr, self.dim, self._b)
+        q = sympy.nsimplify(p)
+        return self._combine(lambda a: a ** q, (self,), self.dim, "**")
 
     def __rpow__(self, base: Any) -> Any:
         raise CellSpecError(f"{base!r} ** (traced quantity) is not supported; write symgate.exp(v * log(base))")

@@ -20,8 +20,11 @@ Products are in chain-rule order, :math:`F = J_t J_{t-1}\cdots J_{k+1}`, ``k = t
 (``ell`` factors).  The first-order term is
 :math:`L = \sum_i (\prod_{j>i} A_j)\, B_i\, (\prod_{j<i} A_j)`.  Where ``A`` is diagonal,
 per-neuron closed forms come out as SymPy ``Product``/``Sum`` objects in the symbolic
-lag ``ell`` (the leaky cell's product evaluates to :math:`(1-\alpha)^\ell`).  A
-non-diagonal product is kept as a formal ordered product, never unrolled.
+lag ``ell`` (the leaky cell's product evaluates to :math:`(1-\alpha)^\ell`, and so
+does a product of anything that is the same at every step: parameters, constants, and
+nodes that read neither a state nor an input, e.g. :math:`\prod (1-a) = (1-a)^\ell`
+for a gate ``a = sigmoid(theta)`` of a scalar parameter).  A non-diagonal product is
+kept as a formal ordered product, never unrolled.
 
 Effective learning rates
 ------------------------
@@ -49,7 +52,9 @@ from sympy.matrices.expressions import MatrixExpr
 
 from .._cell import Cell, UnitSymbol, dim_symbol
 from .._errors import CellSpecError
-from ._jacobian import ORIGINS, StructuredJacobian, Term, jacobian, parameter_jacobian
+from ._jacobian import ORIGINS, StructuredJacobian, Term, jacobian, mul_chain, parameter_jacobian
+from ._local import time_constant_nodes
+from ._matexpr import latex, sstr
 
 __all__ = [
     "t",
@@ -86,14 +91,17 @@ CONVENTIONS = ("exact", "s1", "followup")
 
 def at_step(cell: Cell, expr: sympy.Expr, step: sympy.Expr) -> sympy.Expr:
     """The per-unit expression ``expr`` of step ``step``: states read at ``step - 1``
-    (the previous state), inputs and nodes at ``step``, parameters and constants unindexed."""
+    (the previous state), inputs and nodes at ``step``; parameters, constants and the
+    nodes that depend on neither a state nor an input (``a = sigmoid(theta)``: the same
+    at every step) unindexed, so products over steps of them have closed forms."""
+    constant = time_constant_nodes(cell)
     rep = {}
     for s in expr.free_symbols:
         if not isinstance(s, UnitSymbol):
             continue
         leaf = cell.leaf(s)
-        if leaf is None and cell.node(s) is None:
-            continue  # not a per-step quantity (e.g. the diagonal of a parameter matrix)
+        if leaf is None and (cell.node(s) is None or s in constant):
+            continue  # not a per-step quantity (the diagonal of a parameter matrix, a time-constant node)
         if leaf is not None and leaf.kind in ("vector", "scalar", "constant"):
             continue
         shift = -1 if (leaf is not None and leaf.kind == "state") else 0
@@ -310,10 +318,10 @@ class Expansion:
 
     def __str__(self) -> str:
         lines = [str(self.split)]
-        lines.append(f"  F0 = {sympy.sstr(self.zeroth)}")
-        lines.append(f"  L  = {sympy.sstr(self.first)}")
+        lines.append(f"  F0 = {sstr(self.zeroth)}")
+        lines.append(f"  L  = {sstr(self.first)}")
         if self.diagonal_first_order is not None:
-            lines.append(f"  diagonal mu1 = {sympy.sstr(self.diagonal_first_order)}")
+            lines.append(f"  diagonal mu1 = {sstr(self.diagonal_first_order)}")
         return "\n".join(lines)
 
     def pretty(self) -> str:
@@ -322,9 +330,9 @@ class Expansion:
         return "\n".join(parts)
 
     def latex(self) -> str:
-        rows = [rf"F_0 &= {sympy.latex(self.zeroth)}", rf"L &= {sympy.latex(self.first)}"]
+        rows = [rf"F_0 &= {latex(self.zeroth)}", rf"L &= {latex(self.first)}"]
         if self.diagonal_first_order is not None:
-            rows.append(rf"\mu^{{(1)}} &= {sympy.latex(self.diagonal_first_order)}")
+            rows.append(rf"\mu^{{(1)}} &= {latex(self.diagonal_first_order)}")
         return "\\begin{aligned}" + r" \\ ".join(rows) + "\\end{aligned}"
 
     def _repr_latex_(self) -> str:
@@ -343,13 +351,9 @@ def _diagonal_of_terms(terms: Sequence[Term]) -> sympy.Expr | None:
         mats = [f for f in term.factors if f.kind == "matrix"]
         if len(mats) > 1:
             return None
-        e = term.coefficient
-        for f in term.factors:
-            if f.kind == "matrix":
-                # the entries of M on the chain's diagonal: M[q, q], or M[0, q] for a row, M[q, 0] for a column
-                e = e * UnitSymbol(f"{f.matrix}_diag", f.cols if f.rows == 1 else f.rows)
-            else:
-                e = e * f.expr  # type: ignore[operator]
+        # the entries of M on the chain's diagonal: M[q, q], or M[0, q] for a row, M[q, 0] for a column
+        e = mul_chain(term.coefficient, [UnitSymbol(f"{f.matrix}_diag", f.cols if f.rows == 1 else f.rows)
+                                         if f.kind == "matrix" else f.expr for f in term.factors])  # type: ignore[misc]
         total += e
     return total
 
@@ -462,22 +466,22 @@ class EffectiveLR:
         iso = "isotropic" if self.isotropic else "per neuron (anisotropic)"
         lines = [
             f"effective learning rate of {self.param} (state {self.state}, convention {self.convention!r}, {iso}):",
-            f"  mu[t, ell]   = {sympy.sstr(self.mu)}",
-            f"  write gain   = {sympy.sstr(self.write_gain)}",
-            f"  retention    = {sympy.sstr(self.retention)}",
+            f"  mu[t, ell]   = {sstr(self.mu)}",
+            f"  write gain   = {sstr(self.write_gain)}",
+            f"  retention    = {sstr(self.retention)}",
         ]
         fo = self.first_order
         if fo is not None:
-            lines.append(f"  first order  = {sympy.sstr(fo)}")
+            lines.append(f"  first order  = {sstr(fo)}")
         return "\n".join(lines)
 
     def latex(self) -> str:
-        rows = [rf"\mu_{{t,\ell}} &= {sympy.latex(self.mu)}",
-                rf"w_{{t-\ell}} &= {sympy.latex(self.write_gain)}",
-                rf"\textstyle\prod_j \lambda_j &= {sympy.latex(self.retention)}"]
+        rows = [rf"\mu_{{t,\ell}} &= {latex(self.mu)}",
+                rf"w_{{t-\ell}} &= {latex(self.write_gain)}",
+                rf"\textstyle\prod_j \lambda_j &= {latex(self.retention)}"]
         fo = self.first_order
         if fo is not None:
-            rows.append(rf"\mu^{{(1)}}_{{t,\ell}} &= {sympy.latex(fo)}")
+            rows.append(rf"\mu^{{(1)}}_{{t,\ell}} &= {latex(fo)}")
         return "\\begin{aligned}" + r" \\ ".join(rows) + "\\end{aligned}"
 
     def _repr_latex_(self) -> str:
@@ -518,9 +522,7 @@ def effective_lr(cell: Cell, param: str | None = None, *, state: str | None = No
             f"(it reaches the state through another matrix); eligible: {sorted(eligible)}"
         )
     term = eligible[param]
-    w = term.coefficient
-    for f in term.factors[:-1]:
-        w = w * f.expr  # type: ignore[operator]
+    w = mul_chain(term.coefficient, [f.expr for f in term.factors[:-1]])  # type: ignore[misc]
     sens = term.factors[-1].expr
     lam = jacobian(cell, s, s).select("leak").diagonal_part()
     pj = parameter_jacobian(cell, param, s)

@@ -77,7 +77,7 @@ from .._errors import CellSpecError, ShapeError, StateIndependenceError
 from .._functions import NUMPY_FUNCTIONS
 from .._linalg import matmul
 from ._local import LocalPartials, Owner, local_partials
-from ._matexpr import UnitCol, UnitDiag, unit_entry, vector_symbol
+from ._matexpr import UnitCol, UnitDiag, latex, sstr, unit_entry, vector_symbol
 
 __all__ = [
     "Factor",
@@ -150,10 +150,7 @@ class Term:
         """For a diagonal term, the per-unit expression on its diagonal."""
         if not self.is_diagonal:
             raise ValueError("term is not diagonal")
-        out = self.coefficient
-        for f in self.factors:
-            out = out * f.expr  # type: ignore[operator]
-        return out
+        return mul_chain(self.coefficient, [f.expr for f in self.factors])  # type: ignore[misc]
 
     def matexpr(self) -> Any:
         mats = [f.matexpr() for f in self.factors]
@@ -170,21 +167,37 @@ class Term:
         return mats[0] if len(mats) == 1 else sympy.MatMul(*mats)
 
     def __str__(self) -> str:
-        return sympy.sstr(self.matexpr())
+        return sstr(self.matexpr())
+
+
+_FOLD = 32
+
+
+def mul_chain(first: sympy.Expr, exprs: Sequence[sympy.Expr]) -> sympy.Expr:
+    """``first * exprs[0] * exprs[1] * ...``, multiplied left to right.
+
+    Past the first :data:`_FOLD` factors the rest are multiplied in one ``Mul``: a left
+    fold re-sorts the growing product at every step, quadratic in the length of the
+    long chains of a deep cell graph (a product of up to 32 factors is exactly the fold).
+    """
+    out = first
+    for e in exprs[:_FOLD]:
+        out = out * e
+    if len(exprs) > _FOLD:
+        out = sympy.Mul(out, *exprs[_FOLD:])
+    return out
 
 
 def _simplify_chain(chain: Sequence[Factor], rows: Dim, cols: Dim) -> tuple[sympy.Expr, tuple[Factor, ...]]:
-    coeff: sympy.Expr = sympy.S.One
+    scalars: list[sympy.Expr] = []
     out: list[Factor] = []
     for f in chain:
         if f.kind != "matrix" and _is_scalar_expr(f.expr):  # type: ignore[arg-type]
-            coeff = coeff * f.expr  # type: ignore[operator]
-            if f.kind == "col":
-                # a broadcast with a scalar value: keep the shape change only if needed
-                continue
+            # a scalar factor (a broadcast with a scalar value keeps no shape change either)
+            scalars.append(f.expr)  # type: ignore[arg-type]
             continue
         out.append(f)
-    return sympy.factor_terms(coeff), tuple(out)
+    return sympy.factor_terms(mul_chain(sympy.S.One, scalars)), tuple(out)
 
 
 class _Lambdified:
@@ -408,7 +421,7 @@ class StructuredJacobian:
 
     def latex(self) -> str:
         """LaTeX of the Jacobian, terms in origin order."""
-        body = " + ".join(sympy.latex(t.matexpr()) for t in self.terms) or "0"
+        body = " + ".join(latex(t.matexpr()) for t in self.terms) or "0"
         return rf"\frac{{\partial {_tex_name(self.of)}}}{{\partial {_tex_name(self.wrt)}}} = {body}"
 
     def pretty(self) -> str:
@@ -459,7 +472,7 @@ class BlockJacobian:
         return "\n".join(self.blocks[(a, b)].latex() for a in self.states for b in self.states)
 
     def _repr_latex_(self) -> str:
-        return "$" + sympy.latex(self.expr) + "$"
+        return "$" + latex(self.expr) + "$"
 
     def evaluate(self, values: Mapping[str, Any], params: Mapping[str, Any], sizes: Mapping[Any, int]) -> np.ndarray:
         """Dense block Jacobian ``(B, N, N)`` with ``N`` the total state size."""
@@ -511,7 +524,7 @@ class ParamJacobian:
 
     def latex(self) -> str:
         wrt = f"vec({self.param})" if self.kind == "matrix" else self.param
-        return rf"\frac{{\partial^+ {_tex_name(self.of)}}}{{\partial {_tex_name(wrt)}}} = {sympy.latex(self.expr)}"
+        return rf"\frac{{\partial^+ {_tex_name(self.of)}}}{{\partial {_tex_name(wrt)}}} = {latex(self.expr)}"
 
     def _repr_latex_(self) -> str:
         return "$" + self.latex() + "$"

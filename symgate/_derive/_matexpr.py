@@ -5,6 +5,11 @@ vector :math:`[e]` of a per-unit expression ``e`` (e.g. ``1 - phi**2``).  Their
 entries replace each vector symbol ``v`` of ``e`` by ``v[i]``, so any derived
 matrix expression can be made explicit for a concrete size with
 ``.subs(n, 3).as_explicit()``, while the symbolic form stays independent of n.
+
+:func:`sstr` and :func:`latex` print like :func:`sympy.sstr` and :func:`sympy.latex`
+(the same text), but in time linear in the length of a matrix product: SymPy's
+printers recompute the precedence of a ``MatMul`` (which negates the whole product)
+once per factor, quadratic for the long chains of a deep cell graph.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ from typing import Any
 
 import sympy
 from sympy.matrices.expressions import MatrixExpr, MatrixSymbol
+from sympy.printing.latex import LatexPrinter
+from sympy.printing.precedence import precedence, precedence_traditional
 from sympy.printing.pretty.stringpict import prettyForm
+from sympy.printing.str import StrPrinter
 
 from .._cell import UnitSymbol, dim_symbol
 
-__all__ = ["UnitDiag", "UnitCol", "unit_entry", "vector_symbol"]
+__all__ = ["UnitDiag", "UnitCol", "unit_entry", "vector_symbol", "sstr", "latex"]
 
 
 def vector_symbol(s: UnitSymbol, size: Any = None) -> Any:
@@ -105,3 +113,59 @@ class UnitCol(_UnitMatrix):
     def _pretty(self, p: Any) -> Any:
         inner = p._print(self.unit_expr)
         return prettyForm(*inner.parens("[", "]"))
+
+
+# ----------------------------------------------------------------------------
+# printers: SymPy's output, linear in the length of a matrix product
+# ----------------------------------------------------------------------------
+
+
+class _StrPrinter(StrPrinter):
+    def _print_MatMul(self, expr: Any) -> str:
+        # StrPrinter._print_MatMul, with the precedence of the product computed once
+        from sympy.core.mul import _keep_coeff
+
+        c, m = expr.as_coeff_mmul()
+        sign = ""
+        if c.is_number:
+            re, im = c.as_real_imag()
+            if im.is_zero and re.is_negative:
+                expr = _keep_coeff(-c, m)
+                sign = "-"
+            elif re.is_zero and im.is_negative:
+                expr = _keep_coeff(-c, m)
+                sign = "-"
+        prec = precedence(expr)
+        return sign + "*".join([self.parenthesize(arg, prec) for arg in expr.args])
+
+
+class _LatexPrinter(LatexPrinter):
+    def _print_MatMul(self, expr: Any) -> str:
+        # LatexPrinter._print_MatMul, with the precedence of the product computed once
+        from sympy import MatMul, Mul
+
+        prec = precedence_traditional(expr)
+
+        def parens(x: Any) -> str:
+            if isinstance(x, Mul) and not isinstance(x, MatMul):
+                return self._print(x)
+            return self.parenthesize(x, prec, False)
+
+        args = list(expr.args)
+        if expr.could_extract_minus_sign():
+            if args[0] == -1:
+                args = args[1:]
+            else:
+                args[0] = -args[0]
+            return "- " + " ".join(map(parens, args))
+        return " ".join(map(parens, args))
+
+
+def sstr(expr: Any, **settings: Any) -> str:
+    """``sympy.sstr(expr)``, linear in the length of matrix products."""
+    return _StrPrinter(settings).doprint(expr)
+
+
+def latex(expr: Any, **settings: Any) -> str:
+    """``sympy.latex(expr)``, linear in the length of matrix products."""
+    return _LatexPrinter(settings).doprint(expr)
