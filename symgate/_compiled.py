@@ -21,8 +21,8 @@ import numpy as np
 from ._aot import load as load_aot
 from ._build import SymgateWarning, build_module
 from ._cell import Cell, Dim
-from ._codegen import BACKWARD, FORWARD, JVP, LOSS_LAST, LOSS_STEP, STEP_WGRAD_MIN_B, GeneratedSource, Slot, generate
-from ._errors import CellSpecError, NonFiniteError, NumericalError, SymgateError
+from ._codegen import BACKWARD, DEFAULT_POLICY, FORWARD, JVP, LOSS_LAST, LOSS_STEP, GeneratedSource, KernelPlan, Policy, RunOptions, Slot, cell_plan, generate, run_plan, structural_decisions
+from ._errors import CellSpecError, NonFiniteError, NumericalError, ShapeError, SymgateError
 from ._reference import Gradients, ReferenceKernel, Trajectory
 from ._validate import check_dtype
 from .losses import LastMSE, Loss, StepMSE
@@ -30,8 +30,19 @@ from .losses import LastMSE, Loss, StepMSE
 __all__ = ["CompiledKernel", "PreparedStep", "compile", "kernels"]
 
 
+#: slot roles whose arrays are results handed to the caller (never taken from the workspace pool)
+_RESULTS = frozenset({"grad_x", "grad_V", "carry", "grad_stack", "grad"})
+#: slot roles of BPTT's arrays
+_BACKWARD = frozenset({"carry", "carry2", "adj", "static_adj", "static_group_adj", "group_adj", "grad_stack", "grad_x", "grad"})
+
+
 class _Run:
-    """The arrays of one program run and the three integer vectors ``run`` takes."""
+    """The arrays of one program run, its run plan, and the three integer vectors ``run`` takes.
+
+    The run plan (:func:`symgate._codegen.run_plan`) decides everything that depends on the
+    sizes and on what is asked; this class only allocates what the plan says and passes the
+    plan's flags to the program.
+    """
 
     def __init__(self, k: "CompiledKernel", params: Mapping[str, np.ndarray], x: np.ndarray, h0: Mapping[str, np.ndarray],
                  sizes: Mapping[Dim, int], *, store_all: bool, loss: Loss | None, cots: Mapping[str, np.ndarray] | None,
@@ -39,141 +50,142 @@ class _Run:
                  tangents: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], np.ndarray] | None = None,
                  x_grad: bool = True) -> None:
         g = k.generated
-        dt = k.dtype
-        T, B, _ = x.shape
-        self.T, self.B = T, B
-        step = isinstance(loss, StepMSE)
-        o = loss.V.shape[0] if loss is not None else 1
-        width = {("R" if not grp.static else "RS", grp.index): sum(sizes[r] for r in grp.rows) for grp in g.groups}
-        needed = g.needed
-        group_stored = {grp.index: store_all or any(m in needed for m in grp.members) for grp in g.groups if not grp.static}
-
-        def shape(sl: Slot) -> tuple[int, ...]:
-            out = []
-            for tok in sl.shape:
-                if tok == "T":
-                    out.append(T)
-                elif tok == "T+1":
-                    out.append(T + 1)
-                elif tok == "B":
-                    out.append(B)
-                elif tok == "o":
-                    out.append(o)
-                elif isinstance(tok, tuple):
-                    out.append(width[tok])
-                else:
-                    out.append(sizes[tok])
-            return tuple(out)
-
-        arrays: dict[str, np.ndarray | None] = {}
-        check: dict[str, bool] = {}
-        results = {"grad_x", "grad_V", "carry", "grad_stack", "grad"}
-        owned: list[np.ndarray] = []  # arrays this run allocates (workspaces and results)
-
-        def empty(sl: Slot, shp: tuple[int, ...]) -> np.ndarray:
-            # workspace arrays (never returned to the caller) are reused between calls
-            if pool is None or sl.role in results:
-                a = np.empty(shp, dtype=dt)
-            else:
-                key = (sl.code, shp)
-                if key not in pool:
-                    pool[key] = np.empty(shp, dtype=dt)
-                a = pool[key]
-            owned.append(a)
-            return a
-
-        # batches that take the per-step products may keep some (T, B, .) arrays as one reused row
-        per_step = B >= STEP_WGRAD_MIN_B
-        gx = x_grad or g.x_elementwise  # the input gradient reads every row of the adjoints
-        bwd_roles = {"carry", "carry2", "adj", "static_adj", "static_group_adj", "group_adj", "grad_stack", "grad_x", "grad"}
+        self.kernel, self.dtype, self.pool = k, k.dtype, pool
+        self.T, self.B = x.shape[0], x.shape[1]
+        self.sizes = sizes
+        self.step = isinstance(loss, StepMSE)
+        self.o = loss.V.shape[0] if loss is not None else 1
+        self.inputs = {"x": x, "params": params, "h0": h0, "loss": loss, "cots": cots, "tangents": tangents}
+        options = RunOptions(loss=None if loss is None else ("step" if self.step else "last"), backward=backward,
+                             jvp=tangents is not None, cotangents=cots is not None, store_all=store_all, x_grad=x_grad)
+        self.plan = run_plan(g, sizes, self.T, self.B, options, o=self.o, policy=k.policy)
+        if k.plan_log is not None:
+            k.plan_log.append(self.plan)
+        self.width = {("RS" if grp.static else "R", grp.index): sum(sizes[r] for r in grp.rows) for grp in g.groups}
+        self.owned: list[np.ndarray] = []  # arrays this run allocates (workspaces and results)
+        self.arrays: dict[str, np.ndarray | None] = {}
+        checked: dict[str, bool] = {}
         for sl in g.slots:
-            a: np.ndarray | None
-            chk = False
-            if sl.role == "x":
-                a, chk = x, True
-            elif sl.role == "param":
-                a, chk = params[sl.key], True
-            elif sl.role == "h0":
-                a, chk = h0[sl.key], True
-            elif sl.role == "loss_V":
-                a, chk = (loss.V, True) if loss is not None else (None, False)
-            elif sl.role == "loss_y":
-                a, chk = (loss.y, True) if loss is not None else (None, False)
-            elif sl.role == "cot":
-                if cots is not None:
-                    a, chk = cots[sl.key], True
-                elif step and sl.key == g.states[0]:
-                    a = empty(sl, (T, B, sizes[k.cell.states[0].dim]))
-                else:
-                    a = None
-            elif sl.role == "node":
-                full = store_all or sl.key in needed
-                a = empty(sl, shape(sl) if full else (B, sizes[sl.shape[-1]]))
-            elif sl.role == "group":
-                a = empty(sl, shape(sl) if group_stored[sl.key.index] else shape(sl)[1:])
-            elif sl.role == "static_group" and per_step and not store_all and sl.code in g.scratch:
-                a = empty(sl, shape(sl)[1:])  # one row, rewritten every step (stride 0)
-            elif sl.role == "group_adj" and backward and per_step and not gx and sl.code in g.scratch:
-                a = empty(sl, shape(sl)[1:])  # one row, rewritten every step (stride 0)
-            elif sl.role == "static_group_adj" and sl.key.index in g.aliases:
-                a = None  # shares the dynamic twin's adjoint buffer
-            elif sl.role == "grad_x" and not gx:
-                a = None
-            elif sl.role in bwd_roles:
-                a = empty(sl, shape(sl)) if backward else None
-            elif sl.role == "grad_V":
-                a = empty(sl, shape(sl)) if loss is not None else None
-            elif sl.role == "loss_res":
-                a = empty(sl, (T, B, o) if step else (B, o)) if loss is not None else None
-            elif sl.role.startswith("tan_"):
-                if tangents is None:
-                    a = None
-                elif sl.role == "tan_x":
-                    a = tangents[2]
-                elif sl.role == "tan_param":
-                    a = np.ascontiguousarray(tangents[0][sl.key], dtype=dt).reshape(shape(sl))
-                elif sl.role == "tan_h0":
-                    a = tangents[1][sl.key]
-                elif sl.role == "tan_state":
-                    a = np.empty(shape(sl), dtype=dt)
-                    owned.append(a)
-                else:
-                    a = empty(sl, shape(sl))
-            else:  # state, static, stack, stack_t, static_group
-                a = empty(sl, shape(sl))
-            arrays[sl.code] = a
-            check[sl.code] = chk
-        self.arrays = arrays
+            self.arrays[sl.code], checked[sl.code] = self._array(sl)
         self.loss_value = np.zeros(1, dtype=np.float64)
-        ptr = [0 if a is None else a.__array_interface__["data"][0] for a in arrays.values()]
+        ptr = [0 if a is None else a.__array_interface__["data"][0] for a in self.arrays.values()]
         ptr.append(self.loss_value.__array_interface__["data"][0])
         self.ptr = np.array(ptr, dtype=np.longlong)
-        self.sz = np.array([(a.size if a is not None and (check[sl.code] or sl.role in results) else 0)
-                            for sl, a in zip(g.slots, arrays.values())], dtype=np.longlong)
-        iv: list[int] = []
-        for it in g.ints:
-            if it[0] == "T":
-                iv.append(T)
-            elif it[0] == "B":
-                iv.append(B)
-            elif it[0] == "o":
-                iv.append(o)
-            elif it[0] == "dim":
-                iv.append(sizes[it[1]])
-            elif it[0] in ("R", "RS"):
-                iv.append(width[(it[0], it[1])])
-            elif it[0] == "stride":
-                a = arrays[it[1]]
-                iv.append(0 if a is None or a.ndim == 2 else a.shape[1] * a.shape[2])
-            elif it[0] == "has_cot":
-                iv.append(1 if cots is not None else 0)
-        self.iv = np.array(iv, dtype=np.longlong)
+        self.sz = np.array([(a.size if a is not None and (checked[sl.code] or sl.role in _RESULTS) else 0)
+                            for sl, a in zip(g.slots, self.arrays.values())], dtype=np.longlong)
+        self.iv = np.array([self._integer(it) for it in g.ints], dtype=np.longlong)
         self.x_grad = x_grad
         self.addr = (self.ptr.ctypes.data, self.iv.ctypes.data, self.sz.ctypes.data)
         self.what = FORWARD | (BACKWARD if backward else 0) | (JVP if tangents is not None else 0) | \
-            (0 if loss is None else (LOSS_STEP if step else LOSS_LAST))
-        self.kernel = k
-        self.owned = owned
+            (0 if loss is None else (LOSS_STEP if self.step else LOSS_LAST))
+
+    # ------------------------------------------------------------------ arrays
+    def _shape(self, sl: Slot) -> tuple[int, ...]:
+        fixed = {"T": self.T, "T+1": self.T + 1, "B": self.B, "o": self.o}
+        return tuple(fixed[tok] if isinstance(tok, str) and tok in fixed else
+                     self.width[tok] if isinstance(tok, tuple) else self.sizes[tok] for tok in sl.shape)
+
+    def _empty(self, sl: Slot, shape: tuple[int, ...]) -> np.ndarray:
+        """A new array, or a workspace reused between calls (never a result handed to the caller)."""
+        if self.pool is None or sl.role in _RESULTS:
+            a = np.empty(shape, dtype=self.dtype)
+        else:
+            key = (sl.code, shape)
+            if key not in self.pool:
+                self.pool[key] = np.empty(shape, dtype=self.dtype)
+            a = self.pool[key]
+        self.owned.append(a)
+        return a
+
+    def _array(self, sl: Slot) -> tuple[np.ndarray | None, bool]:
+        """The array of one slot (None: not used by this run), and whether ``run`` checks it for NaN/inf."""
+        given = self._given(sl)
+        if given is not None:
+            return given
+        plan, role = self.plan, sl.role
+        if role == "node":
+            full = sl.key in plan.stored_nodes
+            return self._empty(sl, self._shape(sl) if full else (self.B, self.sizes[sl.shape[-1]])), False
+        if role == "group":
+            return self._empty(sl, self._shape(sl)[1:] if sl.key.index not in plan.stored_groups else self._shape(sl)), False
+        if role in ("static_group", "group_adj") and sl.code in plan.scratch:
+            return self._empty(sl, self._shape(sl)[1:]), False  # one row, rewritten every step (stride 0)
+        if role == "static_group_adj" and sl.key.index in self.kernel.generated.aliases:
+            return None, False  # shares the dynamic twin's adjoint buffer
+        if role == "grad_x" and not (self.x_grad_requested or self.kernel.generated.x_elementwise):
+            return None, False
+        if role in _BACKWARD:
+            return (self._empty(sl, self._shape(sl)) if plan.options.backward else None), False
+        if role in ("grad_V", "loss_res"):
+            return self._loss_array(sl), False
+        if role.startswith("tan_"):
+            return self._tangent_array(sl), False
+        return self._empty(sl, self._shape(sl)), False  # state, static, stack, stack_t, static_group
+
+    @property
+    def x_grad_requested(self) -> bool:
+        return self.plan.options.x_grad
+
+    def _given(self, sl: Slot) -> tuple[np.ndarray | None, bool] | None:
+        """The caller's arrays (checked for NaN/inf by ``run``), or None for the other roles."""
+        inp, role = self.inputs, sl.role
+        loss = inp["loss"]
+        if role == "x":
+            return inp["x"], True
+        if role in ("param", "h0"):
+            return inp["params" if role == "param" else "h0"][sl.key], True
+        if role in ("loss_V", "loss_y"):
+            return ((loss.V if role == "loss_V" else loss.y), True) if loss is not None else (None, False)
+        if role == "cot":
+            if inp["cots"] is not None:
+                return inp["cots"][sl.key], True
+            if self.step and sl.key == self.kernel.generated.states[0]:
+                return self._empty(sl, (self.T, self.B, self.sizes[self.kernel.cell.states[0].dim])), False
+            return None, False
+        return None
+
+    def _loss_array(self, sl: Slot) -> np.ndarray | None:
+        if self.inputs["loss"] is None:
+            return None
+        if sl.role == "grad_V":
+            return self._empty(sl, self._shape(sl))
+        return self._empty(sl, (self.T, self.B, self.o) if self.step else (self.B, self.o))
+
+    def _tangent_array(self, sl: Slot) -> np.ndarray | None:
+        tangents = self.inputs["tangents"]
+        if tangents is None:
+            return None
+        if sl.role == "tan_x":
+            return tangents[2]
+        if sl.role == "tan_param":
+            return np.ascontiguousarray(tangents[0][sl.key], dtype=self.dtype).reshape(self._shape(sl))
+        if sl.role == "tan_h0":
+            return tangents[1][sl.key]
+        if sl.role == "tan_state":
+            a = np.empty(self._shape(sl), dtype=self.dtype)
+            self.owned.append(a)
+            return a
+        return self._empty(sl, self._shape(sl))
+
+    def _integer(self, it: tuple[Any, ...]) -> int:
+        """The value of one integer parameter of ``run`` (sizes, strides, the run plan's flags)."""
+        tag = it[0]
+        if tag in ("T", "B", "o"):
+            return {"T": self.T, "B": self.B, "o": self.o}[tag]
+        if tag == "dim":
+            return self.sizes[it[1]]
+        if tag in ("R", "RS"):
+            return self.width[(tag, it[1])]
+        if tag == "stride":
+            a = self.arrays[it[1]]
+            return 0 if a is None or a.ndim == 2 else a.shape[1] * a.shape[2]
+        if tag == "has_cot":
+            return 1 if self.inputs["cots"] is not None else 0
+        if tag == "flag":
+            return int(bool(self.plan.input_products_per_step if it[1] == "xstep" else self.plan.wgrad_per_step))
+        if tag == "route":
+            return self.plan.routes[it[1]]
+        raise AssertionError(f"internal: unknown integer parameter {it!r}")  # pragma: no cover
 
     def __call__(self) -> None:
         fill = self.kernel.workspace_fill
@@ -194,6 +206,11 @@ class CompiledKernel(ReferenceKernel):
     #: between calls and result buffers -- is filled with this value before each call, so a
     #: value the program reads before writing it (a stale buffer) changes the result.
     workspace_fill: float | None = None
+    #: The thresholds of the run plan's size-dependent decisions (testing aid: another policy forces
+    #: either side of a decision at any size; results must not change beyond rounding).
+    policy: Policy = DEFAULT_POLICY
+    #: Testing aid: when a list, every run appends its :class:`~symgate._codegen.RunPlan`.
+    plan_log: list | None = None
 
     def __init__(self, cell: Cell, dtype: Any = "float64") -> None:
         super().__init__(cell, dtype)
@@ -218,6 +235,29 @@ class CompiledKernel(ReferenceKernel):
     def source(self) -> str:
         """The generated Cython source."""
         return self.generated.source
+
+    def plan(self, sizes: Mapping[str, int], *, T: int, B: int, loss: str | None = "last", backward: bool = True,
+             jvp: bool = False, cotangents: bool = False, store_all: bool = False, x_grad: bool = False,
+             outputs: int = 1) -> KernelPlan:
+        """Every decision this kernel takes for a call at ``sizes`` (dimension name -> size), ``T``
+        steps and batch ``B``: the structural ones of the generator and the run plan's.
+
+        The defaults describe a training step (``prepare``: last-state loss, BPTT, no input
+        gradient); ``backward(...)`` computes the input gradient too (``x_grad=True``),
+        ``forward`` stores every node (``loss=None, backward=False, store_all=True``).
+
+        >>> import symgate as sg
+        >>> k = sg.compile(sg.cells.vector_gate())
+        >>> dict((kind, v) for kind, _, v in k.plan({"n": 64, "m": 8}, T=100, B=32).decisions())["wgrad_per_step"]
+        True
+        """
+        dims = {d: (1 if d == 1 else int(sizes[d])) for d in [1, *self.cell.dims()]} if set(self.cell.dims()) <= set(sizes) \
+            else None
+        if dims is None:
+            raise ShapeError(f"plan() needs a size for every dimension of cell {self.cell.name!r}: {list(self.cell.dims())}")
+        options = RunOptions(loss=loss, backward=backward, jvp=jvp, cotangents=cotangents, store_all=store_all, x_grad=x_grad)
+        run = run_plan(self.generated, dims, T, B, options, o=outputs, policy=self.policy)
+        return KernelPlan(structural_decisions(cell_plan(self.cell)), run)
 
     # ------------------------------------------------------------------ errors
     def _raise(self, code: int, run: _Run) -> None:

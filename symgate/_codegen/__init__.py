@@ -21,7 +21,6 @@ The same cell always gives byte-identical source; its SHA-256 is the kernel's co
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,22 +29,25 @@ import numpy as np
 from .._cell import Cell, Dim
 from .._errors import CellSpecError
 from .access import Emitter
-from .assemble import BACKWARD, FORWARD, JVP, LOSS_LAST, LOSS_STEP, module_text
+from .assemble import BACKWARD, FORWARD, JVP, LOSS_LAST, LOSS_STEP, loss_function, module_text
 from .backward import backward_calls, backward_driver
-from .forward import STEP_WGRAD_MIN_B, forward_calls, forward_driver
+from .forward import forward_calls, forward_driver
 from .jvp import jvp_driver
 from .layout import Slot
-from .plan import CellPlan, Group, cell_plan
+from .plan import STRUCTURAL_VALUES, CellPlan, Group, cell_plan, structural_decisions
 from .prelude import SMALL_GEMM
+from .runplan import DECISION_VALUES, DEFAULT_POLICY, STEP_WGRAD_MIN_B, GemmSite, KernelPlan, Policy, RunOptions, RunPlan, run_plan
 from .printer import KernelPrinter
 
 __all__ = ["KernelPrinter", "generate", "GeneratedSource", "Slot", "Group", "CellPlan", "cell_plan",
-           "FORWARD", "LOSS_LAST", "LOSS_STEP", "BACKWARD", "JVP", "SMALL_GEMM", "STEP_WGRAD_MIN_B"]
+           "FORWARD", "LOSS_LAST", "LOSS_STEP", "BACKWARD", "JVP", "SMALL_GEMM", "STEP_WGRAD_MIN_B", "GemmSite", "Policy", "DEFAULT_POLICY", "RunOptions", "RunPlan", "run_plan",
+           "KernelPlan", "structural_decisions", "STRUCTURAL_VALUES", "DECISION_VALUES"]
 
 
 @dataclass
 class GeneratedSource:
-    """Generated Cython source and the layout its ``run`` function expects."""
+    """Generated Cython source and what the caller needs to run it: the slots and integer
+    parameters of ``run``, the structural decisions the run plan builds on, the content hash."""
 
     source: str
     slots: list[Slot]
@@ -53,12 +55,18 @@ class GeneratedSource:
     groups: list[Group]
     dims: list[Dim]
     states: list[str]
+    state_dims: list[Dim]
     nodes: list[str]  # state-dependent elementwise nodes, in slot order
     static_nodes: list[str]  # state-independent elementwise nodes
     needed: set[str]  # state-dependent nodes BPTT reads (stored over T even in minimal runs)
+    gemm_sites: list[GemmSite]  # every matrix product (the run plan routes each to loops or BLAS)
     aliases: dict[int, int] = field(default_factory=dict)  # static group -> dynamic group sharing its adjoint
     x_elementwise: bool = False  # some elementwise node reads the input directly (its gradient is then always computed)
-    scratch: frozenset[str] = frozenset()  # arrays that may be one reused row for B >= STEP_WGRAD_MIN_B (_scratch_rows)
+    input_products_in_loop: bool = False  # the static part is products only (per step for large batches)
+    static_wgrad_in_loop: frozenset[int] = frozenset()  # static groups whose adjoint rows are complete in the loop
+    scratch: frozenset[str] = frozenset()  # arrays that may be one reused row when computed per step
+    scratch_without_x_grad: frozenset[str] = frozenset()  # ... only when the input gradient is not computed
+    column_sums: dict[tuple[str, str], str] = field(default_factory=dict)  # (owner, vector param) -> sibling
     content_hash: str = ""
 
 
@@ -70,56 +78,29 @@ def generate(cell: Cell, dtype: Any) -> GeneratedSource:
     plan = cell_plan(cell)
     em = Emitter(plan, dt)
     slots, n_inputs = em.layout.slots()
-    ints = em.layout.ints()
     funcs: list[str] = []
     static_fwd, step_fwd = forward_calls(em, funcs)
     step_bwd, static_bwd, step_written, colsums = backward_calls(em, funcs)
     fwd = forward_driver(em, static_fwd, step_fwd)
     bwd = backward_driver(em, step_bwd, static_bwd, step_written, colsums)
     jv = jvp_driver(em, funcs)
-    source = module_text(em, slots, n_inputs, ints, funcs, fwd, bwd, jv)
-    scratch = _scratch_rows(plan, fwd, bwd, jv)
+    loss = loss_function(em)
+    ints = em.layout.ints(len(em.gemm_sites))
+    source = module_text(em, slots, n_inputs, ints, funcs, fwd, loss, bwd, jv)
     h = hashlib.sha256(source.encode()).hexdigest()
     source = source.replace("# content hash: (pending)", f"# content hash: {h}")
     source = source.replace('CONTENT_HASH = "(pending)"', f'CONTENT_HASH = "{h}"')
-    return GeneratedSource(source, slots, ints, plan.groups, plan.dims, plan.states, plan.nodes, plan.static_nodes,
-                           plan.needed, aliases={k: g.index for k, g in plan.shared_adjoint.items()},
-                           x_elementwise=plan.x_elementwise(), scratch=scratch, content_hash=h)
+    return GeneratedSource(
+        source, slots, ints, plan.groups, plan.dims, plan.states, [plan.dim_of[s] for s in plan.states], plan.nodes,
+        plan.static_nodes, plan.needed, list(em.gemm_sites), aliases={k: g.index for k, g in plan.shared_adjoint.items()},
+        x_elementwise=plan.x_elementwise(), input_products_in_loop=plan.input_products_in_loop(),
+        static_wgrad_in_loop=frozenset(g.index for g in plan.static_groups if plan.static_wgrad_in_loop(g)),
+        scratch=_scratch(plan), scratch_without_x_grad=frozenset(
+            f"L{g.index}" for g in plan.dynamic_groups if plan.group_adjoint_sent_to_input(g)),
+        column_sums=dict(plan.column_sums), content_hash=h)
 
 
-def _scratch_rows(plan: CellPlan, fwd: list[str], bwd: list[str], jv: list[str]) -> frozenset[str]:
-    """The (T, B, .) arrays that may be a single (B, .) row reused every step (stride 0) when
-    the batch takes the per-step products (``B >= STEP_WGRAD_MIN_B``): an input product ``Y``
-    read only at its own step of the forward loop, and a group adjoint ``L`` read only at
-    its own step of the BPTT loop.  Read off the driver code: every other reference must sit
-    on a line that runs only for small batches (``if B < ...``) or only when the input
-    gradient is requested (``if c.GX != NULL``), in which cases the caller keeps every row."""
-    small = f"if B < {STEP_WGRAD_MIN_B}"
-
-    def only_per_step(code: str, lines: list[str], stride: str) -> bool:
-        pat = re.compile(rf"c\.{code}\b(?! \+ t\*c\.{stride}\b)")
-        in_small_block = False
-        for ln in lines:
-            stripped = ln.strip()
-            if stripped.startswith(small + ":") and stripped.endswith(":"):
-                in_small_block = True  # a block of its own: the indented lines below it
-                continue
-            if in_small_block and ln.startswith(" " * 8):
-                continue
-            in_small_block = False
-            if stripped.startswith(small) or stripped.startswith("if c.GX != NULL"):
-                continue
-            if pat.search(ln):
-                return False
-        return True
-
-    out = set()
-    for g in plan.static_groups:
-        c = f"Y{g.index}"
-        if only_per_step(c, fwd, f"st{c}") and not any(re.search(rf"c\.{c}\b", ln) for ln in bwd + jv):
-            out.add(c)
-    for g in plan.dynamic_groups:
-        c = f"L{g.index}"
-        if only_per_step(c, bwd, f"st{c}") and not any(re.search(rf"c\.{c}\b", ln) for ln in fwd + jv):
-            out.add(c)
-    return frozenset(out)
+def _scratch(plan: CellPlan) -> frozenset[str]:
+    """Arrays that may be one row reused every step, when their products are per step (:mod:`.runplan`)."""
+    ys = {f"Y{g.index}" for g in plan.static_groups if plan.scratch_input_products(g)}
+    return frozenset(ys | {f"L{g.index}" for g in plan.dynamic_groups if plan.scratch_group_adjoint(g)})

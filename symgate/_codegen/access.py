@@ -20,6 +20,7 @@ from .._errors import CellSpecError
 from .layout import Layout
 from .plan import CellPlan
 from .printer import KernelPrinter
+from .runplan import GemmSite
 
 __all__ = ["FnParams", "Emitter", "at"]
 
@@ -62,6 +63,13 @@ class Emitter:
         self.name_of = {s: n for n, s in self.symbol.items()}
         self.constants = plan.cell.constants
         self.max_temps = 0  # CSE temporaries the largest function needs
+        self.gemm_sites: list[GemmSite] = []  # every matrix product, in emission order
+
+    def mm(self, role: str, ta: int, tb: int, M: str, N: str, K: str, rest: str) -> str:
+        """A matrix product of the program (a run-plan site: plain loops or BLAS, by the ``c.rt<k>`` flag)."""
+        site = GemmSite(len(self.gemm_sites), role, ta, tb, M, N, K)
+        self.gemm_sites.append(site)
+        return f"mm(c.rt{site.index}, {ta}, {tb}, {M}, {N}, {K}, {rest})"
 
     def code(self, e: sympy.Expr) -> str:
         return self.printer.code(e)

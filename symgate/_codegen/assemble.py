@@ -18,7 +18,7 @@ from .access import Emitter
 from .layout import Slot
 from .prelude import prelude
 
-__all__ = ["FORWARD", "LOSS_LAST", "LOSS_STEP", "BACKWARD", "JVP", "header", "module_text"]
+__all__ = ["FORWARD", "LOSS_LAST", "LOSS_STEP", "BACKWARD", "JVP", "header", "loss_function", "module_text"]
 
 #: ``run`` flags (the ``what`` argument of the generated module's ``run``)
 FORWARD, LOSS_LAST, LOSS_STEP, BACKWARD, JVP = 1, 2, 4, 8, 16
@@ -49,8 +49,13 @@ def _ctx_struct(em: Emitter, slots: list[Slot], int_fields: list[str]) -> str:
     return "cdef struct Ctx:\n" + "\n".join(fields)
 
 
-def _loss(em: Emitter) -> str:
+def loss_function(em: Emitter) -> str:
+    """The generated ``loss``: MSE of the linear readout, its cotangents and the readout gradient."""
     n = em.layout.dim_code[em.plan.dim_of[em.plan.states[0]]]
+    residual = em.mm("loss.readout", 0, 1, "rows", "c.o", "n", "1, H, n, c.LV, n, 1, c.LR, c.o")
+    readout_grad = em.mm("loss.readout_gradient", 1, 0, "c.o", "n", "rows", "s, c.LR, c.o, H, n, 0, c.GV, n")
+    step_cot = em.mm("loss.cotangent", 0, 0, "rows", "n", "c.o", "s, c.LR, c.o, c.LV, n, 0, c.C0, n")
+    last_cot = em.mm("loss.cotangent", 0, 0, "rows", "n", "c.o", "s, c.LR, c.o, c.LV, n, 0, c.CA0, n")
     return f"""cdef void loss(Ctx* c, bint step) noexcept nogil:
     # MSE of the readout V h (V: o x n) against y: last state (B x o) or every step (T x B x o)
     cdef Py_ssize_t rows = c.T*c.B if step else c.B, k
@@ -60,16 +65,16 @@ def _loss(em: Emitter) -> str:
     cdef real s = <real>(2.0/(rows*c.o))
     for k in range(rows*c.o):
         c.LR[k] = -c.LY[k]
-    mm(0, 1, rows, c.o, n, 1, H, n, c.LV, n, 1, c.LR, c.o)
+    {residual}
     for k in range(rows*c.o):
         acc += (<double>c.LR[k])*c.LR[k]
     c.LOSS[0] = acc/(rows*c.o)
-    mm(1, 0, c.o, n, rows, s, c.LR, c.o, H, n, 0, c.GV, n)
+    {readout_grad}
     if step:
-        mm(0, 0, rows, n, c.o, s, c.LR, c.o, c.LV, n, 0, c.C0, n)
+        {step_cot}
         c.has_cot0 = 1
     else:
-        mm(0, 0, rows, n, c.o, s, c.LR, c.o, c.LV, n, 0, c.CA0, n)
+        {last_cot}
 """
 
 
@@ -141,7 +146,7 @@ def _checked(em: Emitter, slots: list[Slot], n_inputs: int) -> str:
 
 
 def module_text(em: Emitter, slots: list[Slot], n_inputs: int, ints: list[tuple[Any, ...]], funcs: list[str],
-                forward: list[str], backward: list[str], jvp: list[str]) -> str:
+                forward: list[str], loss: str, backward: list[str], jvp: list[str]) -> str:
     """The whole generated module (with the content hash still pending)."""
     int_fields = [em.layout.int_field(it) for it in ints]
     temps = ", ".join(["tmp"] + [f"ca{k}, cn{k}" for k in range(len(em.plan.states))])
@@ -155,7 +160,7 @@ cdef void forward(Ctx* c) noexcept nogil:
 {chr(10).join(forward)}
 
 
-{_loss(em)}
+{loss}
 
 cdef void jvp(Ctx* c) noexcept nogil:
     # forward mode along the tangents TX, TM*, TP*, Tp*, TH* (needs a forward pass that stored every node)

@@ -4,7 +4,7 @@ Per reverse step ``t`` the driver adds the state cotangents to the carried adjoi
 the time step's operations in reverse -- each fused loop's backward function, and for each
 group one product sending its adjoints to its source -- and swaps the carried adjoints.
 Weight gradients of state-dependent groups are accumulated step by step inside the loop
-for large batches (``(source_t)^T adjoint_t`` while both are in cache: measured 1.1-1.16x
+when the run plan says so (``c.wstep``: large batches) (``(source_t)^T adjoint_t`` while both are in cache: measured 1.1-1.16x
 faster per training step than one product over all ``T*B`` rows after the loop, which
 streams both arrays from memory; for small batches the per-step products are too thin and
 the single product after the loop is kept).  A static group's weight gradient is
@@ -21,7 +21,6 @@ from typing import Any
 
 from .access import Emitter, FnParams, ctx_expr, source_block, target_block
 from .elementwise import backward_function
-from .forward import STEP_WGRAD_MIN_B
 from .plan import Group
 
 __all__ = ["backward_calls", "backward_driver"]
@@ -87,8 +86,9 @@ def _step_group(em: Emitter, g: Group, tgt: Any, beta: str) -> list[str]:
     sp_t, ld_t = source_block(em, g.source, "t")
     if g.source in lay.node_code:
         ld_t = f"c.{lay.dim_code[p.dim_of[g.source]]}"
-    out = [f"        if B >= {STEP_WGRAD_MIN_B}: mm(1, 0, {c_}, c.R{g.index}, B, 1, {sp_t}, {ld_t}, "
-           f"c.L{g.index} + t*c.stL{g.index}, c.R{g.index}, 0 if t == T - 1 else 1, c.WT{g.index}, c.R{g.index})",
+    out = ["        if c.wstep: " + em.mm("bptt.weight_gradient_step", 1, 0, c_, f"c.R{g.index}", "B",
+                                         f"1, {sp_t}, {ld_t}, c.L{g.index} + t*c.stL{g.index}, c.R{g.index}, "
+                                         f"0 if t == T - 1 else 1, c.WT{g.index}, c.R{g.index}"),
            f"        # send the adjoints of {', '.join(g.members)} to {g.source}"]
     if tgt is None:
         return out
@@ -97,8 +97,8 @@ def _step_group(em: Emitter, g: Group, tgt: Any, beta: str) -> list[str]:
     for gg in p.dynamic_groups:
         caller[f"L{gg.index}"] = f"c.L{gg.index} + t*c.stL{gg.index}"
     tp, tld = target_block(tgt, caller)
-    out.append(f"        mm(0, 0, B, {c_}, c.R{g.index}, 1, c.L{g.index} + t*c.stL{g.index}, c.R{g.index}, c.W{g.index}, "
-               f"{c_}, {beta}, {tp}, {tld})")
+    out.append("        " + em.mm("bptt.adjoint", 0, 0, "B", c_, f"c.R{g.index}",
+                                  f"1, c.L{g.index} + t*c.stL{g.index}, c.R{g.index}, c.W{g.index}, {c_}, {beta}, {tp}, {tld}"))
     return out
 
 
@@ -119,8 +119,8 @@ def _static_wgrad_steps(em: Emitter, static_calls: list[Any]) -> list[str]:
             g = it[0]
             ya, yld = _static_adjoint(em, g, "t")
             sp_t, ld_t = source_block(em, g.source, "t")
-            out.append(f"        if B >= {STEP_WGRAD_MIN_B}: mm(1, 0, {_cols(em, g)}, c.RS{g.index}, B, 1, {sp_t}, {ld_t}, "
-                       f"{ya}, {yld}, 0 if t == T - 1 else 1, c.UT{g.index}, c.RS{g.index})")
+            out.append("        if c.wstep: " + em.mm("bptt.static_weight_gradient_step", 1, 0, _cols(em, g), f"c.RS{g.index}", "B",
+                                                 f"1, {sp_t}, {ld_t}, {ya}, {yld}, 0 if t == T - 1 else 1, c.UT{g.index}, c.RS{g.index}"))
     return out
 
 
@@ -148,7 +148,7 @@ def _after_loop(em: Emitter, colsums: list[tuple]) -> list[str]:
     for gp, buf, ld, off, dd in colsums:
         offc = "" if off == "0" else " + " + ctx_expr(off)
         out.append(f"    colsum(c.T*c.B, {lay.ctx_dim(dd)}, c.{buf}{offc}, {'c.' + ld if ld != '1' else '1'}, c.{gp})")
-    out.append(f"    # weight gradients: accumulated in the loop (B >= {STEP_WGRAD_MIN_B}) or one product over T*B rows")
+    out.append("    # weight gradients: accumulated in the loop (c.wstep) or one product over T*B rows")
     for g in p.dynamic_groups:
         sp, ld = source_block(em, g.source, "0")
         if g.source in lay.node_code:
@@ -156,15 +156,15 @@ def _after_loop(em: Emitter, colsums: list[tuple]) -> list[str]:
         c_ = _cols(em, g)
         # as the transpose (source^T adjoint: the long adjoint array is BLAS's untransposed operand,
         # measured faster), into the free transposed-weights buffer, then transposed into place
-        out.append(f"    if B < {STEP_WGRAD_MIN_B}: mm(1, 0, {c_}, c.R{g.index}, c.T*c.B, 1, {sp}, {ld}, c.L{g.index}, c.R{g.index}, 0, "
-                   f"c.WT{g.index}, c.R{g.index})")
+        out.append("    if not c.wstep: " + em.mm("bptt.weight_gradient", 1, 0, c_, f"c.R{g.index}", "c.T*c.B",
+                                              f"1, {sp}, {ld}, c.L{g.index}, c.R{g.index}, 0, c.WT{g.index}, c.R{g.index}"))
         out.append(f"    transpose({c_}, c.R{g.index}, c.WT{g.index}, c.GW{g.index})")
     return out
 
 
 def _static_backward(em: Emitter, static_calls: list[Any]) -> list[str]:
     p, lay = em.plan, em.layout
-    out = [f"    # state-independent part: weight gradients (in the loop for B >= {STEP_WGRAD_MIN_B}), input adjoints"]
+    out = ["    # state-independent part: weight gradients (in the loop where c.wstep allows), input adjoints"]
     for it in static_calls:
         if not isinstance(it, tuple):
             out.append(f"    {it}")
@@ -175,9 +175,9 @@ def _static_backward(em: Emitter, static_calls: list[Any]) -> list[str]:
         ya, yld = _static_adjoint(em, g, "0")
         # the whole-sequence product: for small batches, and for groups whose adjoint rows are
         # only complete after the state-independent backward pass above (a reader outside the loop)
-        guard = f"if B < {STEP_WGRAD_MIN_B}: " if p.static_wgrad_in_loop(g) else ""
-        out.append(f"    {guard}mm(1, 0, {c_}, c.RS{g.index}, c.T*c.B, 1, {sp}, {ld}, {ya}, {yld}, 0, "
-                   f"c.UT{g.index}, c.RS{g.index})")
+        guard = "if not c.wstep: " if p.static_wgrad_in_loop(g) else ""
+        out.append(f"    {guard}" + em.mm("bptt.static_weight_gradient", 1, 0, c_, f"c.RS{g.index}", "c.T*c.B",
+                                         f"1, {sp}, {ld}, {ya}, {yld}, 0, c.UT{g.index}, c.RS{g.index}"))
         out.append(f"    transpose({c_}, c.RS{g.index}, c.UT{g.index}, c.GU{g.index})")
         if tgt is not None:
             caller = {"GX": "c.GX"}
@@ -185,7 +185,8 @@ def _static_backward(em: Emitter, static_calls: list[Any]) -> list[str]:
             caller.update({f"YA{gg.index}": f"c.YA{gg.index}" for gg in p.static_groups})
             tp, tld = target_block(tgt, caller)
             guard = "if c.GX != NULL: " if tp == "c.GX" else ""
-            out.append(f"    {guard}mm(0, 0, c.T*c.B, {c_}, c.RS{g.index}, 1, {ya}, {yld}, c.U{g.index}, {c_}, {beta}, {tp}, {tld})")
+            out.append(f"    {guard}" + em.mm("bptt.static_adjoint", 0, 0, "c.T*c.B", c_, f"c.RS{g.index}",
+                                             f"1, {ya}, {yld}, c.U{g.index}, {c_}, {beta}, {tp}, {tld}"))
     return out
 
 

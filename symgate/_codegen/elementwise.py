@@ -8,14 +8,12 @@ adjoint times its local partials (printed after CSE) is added to the adjoints of
 reads -- a register, a per-step buffer, or an accumulator over all steps (inputs, vector and
 scalar parameters; a scalar read by a per-unit owner is reduced over the units first).  A
 vector parameter whose contribution equals the adjoint stored for a sibling read only by
-the same owner (``b`` in ``tanh(W h + U x + b)``) gets its gradient as a column sum of that
-stored adjoint after the reverse loop instead (``colsums``).  The JVP function computes each
+the same owner (``b`` in ``tanh(W h + U x + b)``; the plan's ``column_sums``) gets its
+gradient as a column sum of that stored adjoint after the reverse loop instead.  The JVP function computes each
 owner's tangent as the sum over what it reads of (local partial) x (tangent of the source).
 """
 
 from __future__ import annotations
-
-import re
 
 import sympy
 
@@ -88,25 +86,14 @@ class _Backward:
         tgt = em.adjoint(st.name, self.fn, self.ctx)  # type: ignore[attr-defined]
         return at(tgt[1], tgt[2], tgt[3], self.d)  # type: ignore[index,arg-type]
 
-    def twins(self, parts: list, codes: list[str]) -> dict[str, tuple[str, str, str]]:
-        """Stored adjoints whose contribution equals a vector parameter's (its gradient is then a column sum)."""
-        out: dict[str, tuple[str, str, str]] = {}
-        if self.colsums is None:
-            return out
-        em = self.em
-        for (src, _), c in zip(parts, codes):
-            tgt = em.adjoint(src, FnParams(), self.ctx)
-            if tgt is not None and tgt[0] == "step" and re.fullmatch(r"(L|YA|QA)\d+", tgt[1]) \
-                    and len(em.plan.readers.get(src, [])) == 1 and em.plan.dim_of[src] == self.d:
-                out.setdefault(c, (tgt[1], tgt[2], tgt[3]))
-        return out
-
-    def write(self, src: str, c: str, twins: dict[str, tuple[str, str, str]]) -> None:
-        """Add contribution ``c`` to the adjoint of ``src``."""
+    def write(self, owner: str, src: str, c: str) -> None:
+        """Add contribution ``c`` of ``owner`` to the adjoint of ``src``."""
         kind, ptr, ld, off = self.em.adjoint(src, self.fn, self.ctx)  # type: ignore[misc]
         sdim = self.em.plan.dim_of[src]
-        if kind == "acc" and ld == "0" and sdim == self.d and c in twins and self.colsums is not None:
-            self.colsums.append((ptr, *twins[c], sdim))
+        sibling = self.em.plan.column_sums.get((owner, src)) if self.colsums is not None else None
+        if sibling is not None:  # the gradient is the column sum of the sibling's stored adjoint
+            _kind, buf, buf_ld, buf_off = self.em.adjoint(sibling, FnParams(), self.ctx)  # type: ignore[misc]
+            self.colsums.append((ptr, buf, buf_ld, buf_off, sdim))  # type: ignore[union-attr]
         elif kind == "local":
             self._write_register(ptr, c)
         elif kind == "scalar":
@@ -161,10 +148,8 @@ class _Backward:
         self.body.append(f"            # pull back {st.name}")  # type: ignore[attr-defined]
         self.body.append(f"            a = {a_code}")
         self.body += [f"            {s.name} = {em.code(e)}" for s, e in repl]
-        codes = [em.code(e) for e in red]
-        twins = self.twins(parts, codes)
-        for (src, _), c in zip(parts, codes):
-            self.write(src, c, twins)
+        for (src, _), e in zip(parts, red):
+            self.write(st.name, src, em.code(e))  # type: ignore[attr-defined]
 
 
 def backward_function(em: Emitter, name: str, op: Op, static: bool, written: set[str],

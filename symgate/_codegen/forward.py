@@ -3,8 +3,8 @@
 The driver first copies each group's matrices into one stacked matrix (and, for groups in
 the time loop, its transpose).  The state-independent part -- the static groups' products
 and the elementwise nodes that need no state -- runs for all ``T*B`` rows before the loop;
-when it is nothing but products (no elementwise node of the input alone), large batches
-compute them step by step at the top of the time loop instead, so each step's rows are used
+when it is nothing but products (no elementwise node of the input alone), the run plan may
+compute them step by step at the top of the time loop instead (large batches; ``c.xstep``), so each step's rows are used
 while in cache (one product over all ``T*B`` rows writes and rereads a ``T*B``-row array
 from memory: measured about 8 % of a vector-gate training step).  Each step then runs the
 state-dependent groups' products and fused loops in the plan's order.
@@ -16,12 +16,7 @@ from .access import Emitter, ctx_expr, source_block
 from .elementwise import forward_function
 from .plan import Group, Op
 
-__all__ = ["forward_calls", "forward_driver", "STEP_WGRAD_MIN_B", "stacked_weights"]
-
-#: batches at least this large compute the input products of the forward pass and accumulate every
-#: weight gradient step by step inside the time loops (while the step's rows are in cache); smaller
-#: ones use one product over all T*B rows before/after the loop
-STEP_WGRAD_MIN_B = 8
+__all__ = ["forward_calls", "forward_driver", "stacked_weights"]
 
 
 def forward_calls(em: Emitter, funcs: list[str]) -> tuple[list[object], list[object]]:
@@ -68,9 +63,9 @@ def _cols(em: Emitter, g: Group) -> str:
 
 def _static_part(em: Emitter, static_calls: list[object], in_loop: bool) -> list[str]:
     out = ["    # state-independent part, all steps at once" +
-           (f" (for B < {STEP_WGRAD_MIN_B}; else per step in the loop)" if in_loop else "")]
+           (" (unless the run plan computes it per step in the loop: c.xstep)" if in_loop else "")]
     if in_loop:
-        out.append(f"    if B < {STEP_WGRAD_MIN_B}:")
+        out.append("    if not c.xstep:")
     ind = "        " if in_loop else "    "
     for it in static_calls:
         if isinstance(it, Op):
@@ -79,7 +74,8 @@ def _static_part(em: Emitter, static_calls: list[object], in_loop: bool) -> list
             sp, ld = source_block(em, g.source, "0")
             c_ = _cols(em, g)
             out.append(f"{ind}# {', '.join(g.members)} = ({', '.join(g.matrices)}) @ {g.source}")
-            out.append(f"{ind}mm(0, 1, c.T*c.B, c.RS{g.index}, {c_}, 1, {sp}, {ld}, c.U{g.index}, {c_}, 0, c.Y{g.index}, c.RS{g.index})")
+            out.append(ind + em.mm("forward.input_products", 0, 1, "c.T*c.B", f"c.RS{g.index}", c_,
+                                   f"1, {sp}, {ld}, c.U{g.index}, {c_}, 0, c.Y{g.index}, c.RS{g.index}"))
         else:
             out.append(f"{ind}{it}")
     return out
@@ -88,13 +84,13 @@ def _static_part(em: Emitter, static_calls: list[object], in_loop: bool) -> list
 def _time_step(em: Emitter, static_calls: list[object], step_calls: list[object], in_loop: bool) -> list[str]:
     out = ["    for t in range(T):"]
     if in_loop:
-        out.append(f"        if B >= {STEP_WGRAD_MIN_B}:")
+        out.append("        if c.xstep:")
         for it in static_calls:
             g = it.group  # type: ignore[attr-defined]
             sp, ld = source_block(em, g.source, "t")
             c_ = _cols(em, g)
-            out.append(f"            mm(0, 1, B, c.RS{g.index}, {c_}, 1, {sp}, {ld}, c.U{g.index}, {c_}, 0, "
-                       f"c.Y{g.index} + t*c.stY{g.index}, c.RS{g.index})")
+            out.append("            " + em.mm("forward.input_products_step", 0, 1, "B", f"c.RS{g.index}", c_,
+                                                f"1, {sp}, {ld}, c.U{g.index}, {c_}, 0, c.Y{g.index} + t*c.stY{g.index}, c.RS{g.index}"))
     for it in step_calls:
         if isinstance(it, Op):
             g = it.group
@@ -102,23 +98,18 @@ def _time_step(em: Emitter, static_calls: list[object], step_calls: list[object]
             sp, ld = source_block(em, g.source, "t")
             c_ = _cols(em, g)
             out.append(f"        # {', '.join(g.members)} = ({', '.join(g.matrices)}) @ {g.source}")
-            out.append(f"        mm(0, 0, B, c.R{g.index}, {c_}, 1, {sp}, {ld}, c.WT{g.index}, c.R{g.index}, 0, "
-                       f"c.Z{g.index} + t*c.stZ{g.index}, c.R{g.index})")
+            out.append("        " + em.mm("forward.group", 0, 0, "B", f"c.R{g.index}", c_,
+                                            f"1, {sp}, {ld}, c.WT{g.index}, c.R{g.index}, 0, c.Z{g.index} + t*c.stZ{g.index}, c.R{g.index}"))
         else:
             out.append(f"        {it}")
     return out
-
-
-def input_products_in_loop(static_calls: list[object]) -> bool:
-    """Whether the state-independent part is nothing but products (then large batches compute it per step)."""
-    return bool(static_calls) and all(isinstance(it, Op) for it in static_calls)
 
 
 def forward_driver(em: Emitter, static_calls: list[object], step_calls: list[object]) -> list[str]:
     """The body of the generated ``forward``."""
     out = ["    # stacked weights of each group (and their transposes for the time loop)"]
     out += stacked_weights(em)
-    in_loop = input_products_in_loop(static_calls)
+    in_loop = em.plan.input_products_in_loop()
     out += _static_part(em, static_calls, in_loop)
     for k, s in enumerate(em.plan.states):
         out.append(f"    memcpy(c.S{k}, c.H{k}, sizeof(real)*c.B*c.{em.layout.dim_code[em.plan.dim_of[s]]})")

@@ -28,8 +28,9 @@ def _group_tangent(em: Emitter, op: Op, static: bool) -> list[str]:
         w, tw, tb, ldw, out_, R = f"c.U{g.index}", f"c.TU{g.index}", 1, c_, f"c.TY{g.index}", f"c.RS{g.index}"
     else:
         w, tw, tb, ldw, out_, R = f"c.WT{g.index}", f"c.TWT{g.index}", 0, f"c.R{g.index}", f"c.TZ{g.index}", f"c.R{g.index}"
-    return [f"{ind}mm(0, {tb}, {rows}, {R}, {c_}, 1, {tp_}, {tld}, {w}, {ldw}, 0, {out_}, {R})",
-            f"{ind}mm(0, {tb}, {rows}, {R}, {c_}, 1, {sp}, {ld}, {tw}, {ldw}, 1, {out_}, {R})"]
+    role = "jvp.input_products" if static else "jvp.group"
+    return [ind + em.mm(role, 0, tb, rows, R, c_, f"1, {tp_}, {tld}, {w}, {ldw}, 0, {out_}, {R}"),
+            ind + em.mm(role, 0, tb, rows, R, c_, f"1, {sp}, {ld}, {tw}, {ldw}, 1, {out_}, {R}")]
 
 
 def _ops(em: Emitter, funcs: list[str], ops: list[Op], static: bool) -> list[str]:

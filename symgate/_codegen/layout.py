@@ -160,8 +160,9 @@ class Layout:
             out.append(Slot(f"TZ{g.index}", "tan_group", g, ("B", ("R", g.index))))
         return out
 
-    def ints(self) -> list[tuple[Any, ...]]:
-        """The integer parameters of ``run``, in order: sizes, strides, flags."""
+    def ints(self, n_sites: int) -> list[tuple[Any, ...]]:
+        """The integer parameters of ``run``, in order: sizes, strides, the run plan's flags and
+        the route (plain loops or BLAS) of each of the ``n_sites`` matrix products."""
         p = self.plan
         ints: list[tuple[Any, ...]] = [("T",), ("B",), ("o",)] + [("dim", d) for d in p.dims]
         ints += [("R", g.index) for g in p.dynamic_groups] + [("RS", g.index) for g in p.static_groups]
@@ -170,7 +171,8 @@ class Layout:
         # nothing reads them across steps (see the run plan's scratch rows)
         ints += [("stride", f"Y{g.index}") for g in p.static_groups] + [("stride", f"L{g.index}") for g in p.dynamic_groups]
         ints += [("has_cot", k) for k in range(len(p.states))]
-        return ints
+        ints += [("flag", "xstep"), ("flag", "wstep")]
+        return ints + [("route", k) for k in range(n_sites)]
 
     def int_field(self, it: tuple[Any, ...]) -> str:
         """The context-struct field of one integer parameter."""
@@ -182,4 +184,8 @@ class Layout:
             return f"st{it[1]}"
         if it[0] == "has_cot":
             return f"has_cot{it[1]}"
+        if it[0] == "flag":
+            return it[1]
+        if it[0] == "route":
+            return f"rt{it[1]}"
         return it[0]

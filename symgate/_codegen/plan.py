@@ -31,7 +31,7 @@ from .._cell import Cell, Dim
 from .._derive._program import Step, program
 from .._errors import CellSpecError
 
-__all__ = ["Group", "Op", "CellPlan", "cell_plan"]
+__all__ = ["Group", "Op", "CellPlan", "cell_plan", "structural_decisions", "STRUCTURAL_VALUES"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,7 @@ class CellPlan:
         self.op_of = self._op_positions()
         self.register_adjoints = self._register_adjoints()
         self.shared_adjoint = self._shared_adjoints()
+        self.column_sums = self._column_sums()
 
     def _schedule(self, cell: Cell, steps: list[Step]) -> None:
         leaves = {lf.name for lf in cell.leaves if lf.kind != "state"}
@@ -221,6 +222,72 @@ class CellPlan:
                     break
         return shared
 
+    def _has_step_buffer(self, nm: str) -> bool:
+        """Whether the adjoint of ``nm`` is a per-row buffer over all steps (a group's, or a static node's)."""
+        if nm in self.group_of:
+            g, _ = self.group_of[nm]
+            return not (g.static and g.index in self.shared_adjoint)
+        return nm in self.static_nodes and nm not in self.register_adjoints
+
+    def _column_sums(self) -> dict[tuple[str, str], str]:
+        """Vector parameters whose gradient is the column sum of a stored adjoint, after the loop.
+
+        In a state-dependent fused loop, an owner that reads a vector parameter ``p`` and a
+        sibling ``s`` with the same partial, ``s`` read by this owner only and stored over all
+        steps (``b`` and ``W h`` in ``tanh(W h + U x + b)``), sends ``p`` exactly what it sends
+        ``s``: ``p``'s gradient is the column sum of ``s``'s adjoint.  Maps ``(owner, p)`` to ``s``.
+        """
+        out: dict[tuple[str, str], str] = {}
+        for op in self.dynamic_ops:
+            if op.kind != "loop":
+                continue
+            for st in op.items:
+                siblings: dict[sympy.Expr, str] = {}
+                for src, _d, e in st.partials:
+                    if self._has_step_buffer(src) and self.readers.get(src) == [st.name] and self.dim_of[src] == op.dim:
+                        siblings.setdefault(e, src)
+                for src, _d, e in st.partials:
+                    if self.kind_of.get(src) == "vector" and self.dim_of[src] == op.dim and e in siblings:
+                        out[(st.name, src)] = siblings[e]
+        return out
+
+    def input_products_in_loop(self) -> bool:
+        """Whether the static part is nothing but products (then large batches compute them per step)."""
+        return bool(self.static_ops) and all(op.kind == "gemm" for op in self.static_ops)
+
+    def _read_outside_forward(self, nm: str) -> bool:
+        """Whether BPTT or JVP read the value of ``nm`` (a partial refers to it, or a product reads it)."""
+        for st in self.steps.values():
+            if st.kind == "linear" and st.source == nm:
+                return True
+            if any(s.name == nm for _src, _d, e in st.partials for s in e.free_symbols):
+                return True
+        return False
+
+    def scratch_input_products(self, g: Group) -> bool:
+        """Whether static group ``g``'s products may be one row reused every step, when computed per step:
+        nothing reads them but the same step of the forward loop."""
+        return self.input_products_in_loop() and not any(self._read_outside_forward(m) for m in g.members)
+
+    def scratch_group_adjoint(self, g: Group) -> bool:
+        """Whether dynamic group ``g``'s adjoints may be one row reused every step, when its weight
+        gradient is accumulated per step: no column sum reads them after the loop, and no shared
+        static group sends them to anything but the input (whose gradient is optional)."""
+        if any(sib in g.members for sib in self.column_sums.values()):
+            return False
+        for gs_index, gd in self.shared_adjoint.items():
+            if gd.index == g.index:
+                gs = self.static_groups[gs_index]
+                if self.kind_of.get(gs.source) != "input":
+                    return False
+        return True
+
+    def group_adjoint_sent_to_input(self, g: Group) -> bool:
+        """Whether a static group sharing dynamic group ``g``'s adjoints sends them to the input
+        after the loop (then they are kept for every step when the input gradient is computed)."""
+        return any(gd.index == g.index and self.kind_of.get(self.static_groups[gs].source) == "input"
+                   for gs, gd in self.shared_adjoint.items())
+
     def static_wgrad_in_loop(self, g: Group) -> bool:
         """Whether the weight gradient of static group ``g`` may be accumulated step by step in the
         reverse loop: its adjoint rows of step ``t`` must be complete at the end of iteration ``t``,
@@ -248,3 +315,43 @@ def cell_plan(cell: Cell) -> CellPlan:
     if key not in cell._index:
         cell._index[key] = CellPlan(cell)
     return cell._index[key]
+
+
+#: the values each kind of structural decision can take
+STRUCTURAL_VALUES: dict[str, tuple[bool, ...]] = {
+    "stacked_group": (False, True),
+    "fused_loop": (False, True),
+    "register_adjoint": (False, True),
+    "shared_adjoint": (False, True),
+    "column_sum": (False, True),
+    "static_adjoint_complete_in_loop": (False, True),
+    "stored_for_bptt": (False, True),
+    "static_products_only": (False, True),
+    "input_elementwise": (False, True),
+    "scratch_eligible": (False, True),
+}
+
+
+def _vector_reads(plan: CellPlan) -> list[tuple[str, str]]:
+    """(owner, vector parameter) pairs read in the time step's fused loops."""
+    return [(st.name, src) for op in plan.dynamic_ops if op.kind == "loop" for st in op.items
+            for src, _d, _e in st.partials if plan.kind_of.get(src) == "vector"]
+
+
+def structural_decisions(plan: CellPlan) -> list[tuple[str, str, bool]]:
+    """The plan's decisions as ``(kind, instance, value)`` (see the module docstring)."""
+    out: list[tuple[str, str, bool]] = []
+    out += [("stacked_group", f"{'RS' if g.static else 'R'}{g.index}", len(g.members) > 1) for g in plan.groups]
+    for tag, ops in (("static", plan.static_ops), ("step", plan.dynamic_ops)):
+        out += [("fused_loop", f"{tag}{k}", len(op.items) > 1) for k, op in enumerate(ops) if op.kind == "loop"]
+    out += [("register_adjoint", nm, nm in plan.register_adjoints) for nm in plan.nodes + plan.static_nodes]
+    out += [("shared_adjoint", f"RS{g.index}", g.index in plan.shared_adjoint) for g in plan.static_groups]
+    out += [("column_sum", f"{owner}:{p}", (owner, p) in plan.column_sums) for owner, p in _vector_reads(plan)]
+    out += [("static_adjoint_complete_in_loop", f"RS{g.index}", plan.static_wgrad_in_loop(g)) for g in plan.static_groups]
+    out += [("stored_for_bptt", nm, nm in plan.needed) for nm in plan.nodes]
+    if plan.static_ops:
+        out.append(("static_products_only", "", plan.input_products_in_loop()))
+    out.append(("input_elementwise", "", plan.x_elementwise()))
+    out += [("scratch_eligible", f"Y{g.index}", plan.scratch_input_products(g)) for g in plan.static_groups]
+    out += [("scratch_eligible", f"L{g.index}", plan.scratch_group_adjoint(g)) for g in plan.dynamic_groups]
+    return out

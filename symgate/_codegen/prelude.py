@@ -141,15 +141,16 @@ cdef void small_mm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, rp A, P
             k += 1
 
 
-cdef void mm(bint ta, bint tb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, real* A, Py_ssize_t lda,
+cdef void mm(bint small, bint ta, bint tb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, real* A, Py_ssize_t lda,
              real* Bm, Py_ssize_t ldb, real beta, real* C, Py_ssize_t ldc) noexcept nogil:
-    # row-major C (M x N) = alpha op(A) op(B) + beta C, through column-major BLAS on the transposes
+    # row-major C (M x N) = alpha op(A) op(B) + beta C, through column-major BLAS on the transposes, or
+    # plain loops where the run plan says so (small: never with transposed operands)
     cdef char ca = b'T' if ta else b'N'
     cdef char cb = b'T' if tb else b'N'
     cdef int m_ = <int>N, n_ = <int>M, k_ = <int>K, la = <int>lda, lb = <int>ldb, lc = <int>ldc
     if M == 0 or N == 0:
         return
-    if not ta and not tb and (M < 4 or M*N*K <= {SMALL_GEMM}):
+    if small:
         small_mm(M, N, K, alpha, A, lda, Bm, ldb, beta, C, ldc)
         return
     {gemm}(&cb, &ca, &m_, &n_, &k_, &alpha, Bm, &lb, A, &la, &beta, C, &lc)
