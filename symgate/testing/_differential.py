@@ -11,6 +11,10 @@ workspaces and result buffers are also filled with NaN before every call
 (:attr:`~symgate.CompiledKernel.workspace_fill`), so a value read before it is written, or
 a result entry never written, cannot go unnoticed.
 
+:func:`planned_decisions` says which of the kernel generator's decisions (structural, and
+every call's run plan) such a comparison exercises, so a test can require that a sample of
+cases takes every decision both ways.
+
 Tolerance: both backends evaluate the same derived expressions in a different order (BLAS
 and fused C loops against numpy), so results differ by rounding only.  Each value passes
 through at most ``T + 1`` steps; per step it accumulates the rounding of dot products of
@@ -28,9 +32,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .._cell import Cell, Dim
+from .._codegen import DEFAULT_POLICY, Policy, RunOptions, cell_plan, generate, run_plan, structural_decisions
 from ..losses import LastMSE, StepMSE
 
-__all__ = ["Difference", "compare_backends", "draw_arrays", "tolerance"]
+__all__ = ["Difference", "compare_backends", "planned_decisions", "draw_arrays", "tolerance", "ENTRY_OPTIONS", "PARTS"]
 
 C_ROUND = 64.0
 
@@ -156,23 +161,52 @@ def _prepared_pairs(k: Any, r: Any, cell: Cell, rng: np.random.Generator, sizes:
     return pairs
 
 
+#: the run options of every compiled call :func:`compare_backends` makes, by entry point
+ENTRY_OPTIONS: dict[str, tuple[RunOptions, ...]] = {
+    "forward": (RunOptions(store_all=True),),
+    "backward": (RunOptions(loss="last", backward=True), RunOptions(loss="step", backward=True)),
+    "vjp": (RunOptions(backward=True, cotangents=True),),
+    "jvp": (RunOptions(jvp=True, store_all=True),),
+    "prepared": (RunOptions(loss="last", backward=True, x_grad=False), RunOptions(loss="last", backward=True)),
+}
+PARTS = tuple(ENTRY_OPTIONS)
+
+
+def planned_decisions(cell: Cell, sizes: Mapping[Any, int], *, T: int, B: int, dtype: Any = "float64",
+                      policy: Policy = DEFAULT_POLICY, parts: Iterable[str] = PARTS) -> set[tuple[str, str, Any]]:
+    """The decisions (kind, instance, value) the compiled kernel takes in :func:`compare_backends`
+    for the same arguments: the generator's structural ones and every call's run plan.  Needs no
+    compiler (the plan is computed from the generated program's description)."""
+    gen = generate(cell, dtype)
+    dims = {1: 1, **{d: int(sizes[d]) for d in cell.dims()}}
+    out = set(structural_decisions(cell_plan(cell)))
+    for part in parts:
+        for opt in ENTRY_OPTIONS[part]:
+            out |= set(run_plan(gen, dims, T, B, opt, o=2 if opt.loss else 1, policy=policy).decisions())
+    return out
+
+
 def compare_backends(cell: Cell, sizes: Mapping[Any, int], *, T: int, B: int, seed: int = 0, dtype: Any = "float64",
-                     poison: bool = True, prepared_calls: int = 3, parts: Iterable[str] | None = None) -> list[Difference]:
+                     poison: bool = True, prepared_calls: int = 3, parts: Iterable[str] | None = None,
+                     policy: Policy = DEFAULT_POLICY, plans: list | None = None) -> list[Difference]:
     """Compare the compiled kernel of ``cell`` with the numpy reference at ``sizes`` (dimension
     name -> size), ``T`` steps and batch ``B``, on fresh inputs for every call.
 
     ``parts`` selects entry points among ``"forward"``, ``"backward"``, ``"vjp"``, ``"jvp"``,
-    ``"prepared"`` (all by default).  Returns one :class:`Difference` per compared array.
+    ``"prepared"`` (all by default); ``policy`` sets the thresholds of the kernel's run plan
+    (to force either side of its decisions); ``plans``, if a list, receives every run plan the
+    kernel used.  Returns one :class:`Difference` per compared array.
     """
     from .._compiled import compile as _compile
     from .._reference import reference_kernel
 
     k, r = _compile(cell, dtype), reference_kernel(cell, dtype)
-    chosen = set(parts) if parts is not None else {"forward", "backward", "vjp", "jvp", "prepared"}
+    chosen = set(parts) if parts is not None else set(PARTS)
     rng = np.random.default_rng(seed)
     fresh = lambda: draw_arrays(cell, rng, sizes, T, B, dtype)  # noqa: E731
-    old = k.workspace_fill
+    saved = (k.workspace_fill, k.policy, k.plan_log)
     k.workspace_fill = np.nan if poison else None
+    k.policy, k.plan_log = policy, plans
     try:
         pairs: list[tuple[str, Any, Any]] = []
         if "forward" in chosen:
@@ -188,6 +222,6 @@ def compare_backends(cell: Cell, sizes: Mapping[Any, int], *, T: int, B: int, se
             pairs += _prepared_pairs(k, r, cell, rng, sizes, T, B, dtype, prepared_calls, x_grad=False)
             pairs += _prepared_pairs(k, r, cell, rng, sizes, T, B, dtype, 2, x_grad=True)
     finally:
-        k.workspace_fill = old
+        k.workspace_fill, k.policy, k.plan_log = saved
     tol = tolerance({d: sizes[d] for d in cell.dims()}, T, dtype)
     return [Difference(what, _rel(a, b), tol) for what, a, b in pairs]
