@@ -70,6 +70,15 @@ def problem(name: str) -> sg.testing.Problem:
 
 
 CELLS = [s[0] for s in SPECS]
+_BASELINES: dict[tuple[str, ...], _battery.CheckResult] = {}
+
+
+def baseline(fn: Callable[..., _battery.CheckResult], name: str, *args: Any) -> _battery.CheckResult:
+    """The defect-free result of check ``fn`` on ``name``'s problem (computed once per module)."""
+    key = (fn.__name__, name) + args
+    if key not in _BASELINES:
+        _BASELINES[key] = fn(problem(name), *args)
+    return _BASELINES[key]
 
 
 # ----------------------------------------------------------------------------
@@ -175,11 +184,11 @@ def shift_directional(g: Any, dp: dict, amount: float) -> Any:
     return dataclasses.replace(g, params=params)
 
 
-def assert_pinned(r: _battery.CheckResult, check: str, prob: sg.testing.Problem, k: float, baseline: _battery.CheckResult) -> None:
+def assert_pinned(r: _battery.CheckResult, check: str, prob: sg.testing.Problem, k: float, base: _battery.CheckResult) -> None:
     tol = PINNED[check](prob.T)
     assert r.check == check
     assert r.tolerance == pytest.approx(tol, rel=1e-12), f"{check}: tolerance {r.tolerance:.3e}, documented {tol:.3e}"
-    e0 = baseline.error / tol
+    e0 = base.error / tol
     assert e0 <= 0.5, f"{check}: the defect-free error is already {e0:.2f} of the tolerance; pick another problem"
     ratio = r.error / tol
     assert abs(ratio - k) <= e0 + 8 * EPS / tol + 1e-3 * k, f"{check}: error/tolerance = {ratio:.4g} for a defect of {k} x tolerance; {r.detail}"
@@ -211,12 +220,12 @@ def test_tolerances_are_the_documented_ones(name: str) -> None:
 @pytest.mark.parametrize("name", CELLS)
 def test_jacobian_state_part(name: str, k: float, monkeypatch: pytest.MonkeyPatch) -> None:
     prob = problem(name)
-    baseline = _battery.check_jacobian(prob)
+    base = baseline(_battery.check_jacobian, name)
     amount = k * PINNED["jacobian"](prob.T)
     inj = Injector(monkeypatch)
     inj.tamper(float64_reference, jacobian=lambda inner, J, *a, **kw: bump(J, last_index(J), amount * relative_size(J)))
     r = _battery.check_jacobian(prob)
-    assert_pinned(r, "jacobian", prob, k, baseline)
+    assert_pinned(r, "jacobian", prob, k, base)
     assert "state Jacobian" in r.detail or k < 1
 
 
@@ -230,7 +239,7 @@ def _parameter_parts(name: str) -> list[tuple[str, str, str]]:
 def test_jacobian_parameter_part(name: str, param: str, of: str, k: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each immediate parameter Jacobian d(state)/d(param) is compared, not only the first or the state one."""
     prob = problem(name)
-    baseline = _battery.check_jacobian(prob)
+    base = baseline(_battery.check_jacobian, name)
     amount = k * PINNED["jacobian"](prob.T)
 
     def edit(inner: Any, P: np.ndarray, params: Any, x_t: Any, h_prev: Any, p: str, o: str | None = None) -> np.ndarray:
@@ -239,7 +248,7 @@ def test_jacobian_parameter_part(name: str, param: str, of: str, k: float, monke
     inj = Injector(monkeypatch)
     inj.tamper(float64_reference, parameter_jacobian=edit)
     r = _battery.check_jacobian(prob)
-    assert_pinned(r, "jacobian", prob, k, baseline)
+    assert_pinned(r, "jacobian", prob, k, base)
     if k > 1:
         assert f"d{of}'/d{param}" in r.detail
 
@@ -255,7 +264,7 @@ def test_jacobian_parameter_part(name: str, param: str, of: str, k: float, monke
 def test_bptt_complex_step(name: str, loss: str, k: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """The defect is in the gradient of one loss only: the registered check must run both."""
     prob, which = problem(name), loss
-    baseline = _battery.check_bptt_complex_step(prob, loss)
+    base = baseline(_battery.check_bptt_complex_step, name, loss)
     tol = PINNED["bptt_cs"](prob.T)
     inj = Injector(monkeypatch)
 
@@ -268,7 +277,7 @@ def test_bptt_complex_step(name: str, loss: str, k: float, monkeypatch: pytest.M
         return shift_directional(g, dp, k * tol * scale)
 
     inj.tamper(float64_reference, backward=edit)
-    assert_pinned(_battery.check_bptt_complex_step(prob, loss), "bptt_cs", prob, k, baseline)
+    assert_pinned(_battery.check_bptt_complex_step(prob, loss), "bptt_cs", prob, k, base)
     assert _battery.CHECKS["bptt_cs"](prob).passed == (k < 1)  # the registered check runs this loss too
 
 
@@ -277,7 +286,7 @@ def test_bptt_complex_step(name: str, loss: str, k: float, monkeypatch: pytest.M
 @pytest.mark.parametrize("name", CELLS)
 def test_bptt_finite_difference(name: str, loss: str, k: float, monkeypatch: pytest.MonkeyPatch) -> None:
     prob, which = problem(name), loss
-    baseline = _battery.check_bptt_finite_difference(prob, loss)
+    base = baseline(_battery.check_bptt_finite_difference, name, loss)
     tol = PINNED["bptt_fd"](prob.T)
     inj = Injector(monkeypatch)
 
@@ -291,7 +300,7 @@ def test_bptt_finite_difference(name: str, loss: str, k: float, monkeypatch: pyt
         return shift_directional(g, dp, k * tol * scale)
 
     inj.tamper(float64_reference, backward=edit)
-    assert_pinned(_battery.check_bptt_finite_difference(prob, loss), "bptt_fd", prob, k, baseline)
+    assert_pinned(_battery.check_bptt_finite_difference(prob, loss), "bptt_fd", prob, k, base)
     assert _battery.CHECKS["bptt_fd"](prob).passed == (k < 1)
 
 
@@ -299,7 +308,7 @@ def test_bptt_finite_difference(name: str, loss: str, k: float, monkeypatch: pyt
 @pytest.mark.parametrize("name", CELLS)
 def test_adjoint(name: str, k: float, monkeypatch: pytest.MonkeyPatch) -> None:
     prob = problem(name)
-    baseline = _battery.check_adjoint(prob)
+    base = baseline(_battery.check_adjoint, name)
     tol = PINNED["adjoint"](prob.T)
     inj = Injector(monkeypatch)
 
@@ -310,7 +319,7 @@ def test_adjoint(name: str, k: float, monkeypatch: pytest.MonkeyPatch) -> None:
         return shift_directional(g, dp, k * tol * scale)
 
     inj.tamper(float64_reference, vjp=edit)
-    assert_pinned(_battery.check_adjoint(prob), "adjoint", prob, k, baseline)
+    assert_pinned(_battery.check_adjoint(prob), "adjoint", prob, k, base)
 
 
 # ----------------------------------------------------------------------------
@@ -328,7 +337,7 @@ def _partials(name: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("name, label", [t for n in CELLS for t in _partials(n)])
 def test_mpmath_every_partial(name: str, label: str, k: float, monkeypatch: pytest.MonkeyPatch) -> None:
     prob = problem(name)
-    baseline = _battery.check_mpmath(prob)
+    base = baseline(_battery.check_mpmath, name)
     amount = k * PINNED["mpmath"](prob.T)
     partial = _battery._float64_partial
     seen = []
@@ -348,7 +357,7 @@ def test_mpmath_every_partial(name: str, label: str, k: float, monkeypatch: pyte
     monkeypatch.setattr(_battery, "_float64_partial", shifted)
     r = _battery.check_mpmath(prob)
     assert label in seen
-    assert_pinned(r, "mpmath", prob, k, baseline)
+    assert_pinned(r, "mpmath", prob, k, base)
     if k > 1:
         assert f"worst at {label};" in r.detail
 
@@ -369,7 +378,7 @@ def _float32_problem(prob: sg.testing.Problem) -> tuple[dict, np.ndarray, dict, 
 @pytest.mark.parametrize("name, state", [(n, s) for n in CELLS for s in cached_builtin(n).state_names])
 def test_float32_states(name: str, state: str, k: float, monkeypatch: pytest.MonkeyPatch) -> None:
     prob = problem(name)
-    baseline = _battery.check_float32(prob)
+    base = baseline(_battery.check_float32, name)
     amount = k * PINNED["float32"](prob.T)
 
     def edit(inner: Any, traj: Any, *a: Any, **kw: Any) -> Any:
@@ -379,7 +388,7 @@ def test_float32_states(name: str, state: str, k: float, monkeypatch: pytest.Mon
     inj = Injector(monkeypatch)
     inj.tamper(lambda dtype, backend: dtype == "float32", forward=edit)
     r = _battery.check_float32(prob)
-    assert_pinned(r, "float32", prob, k, baseline)
+    assert_pinned(r, "float32", prob, k, base)
     if k > 1:
         assert f"state {state}" in r.detail
 
@@ -388,7 +397,7 @@ def test_float32_states(name: str, state: str, k: float, monkeypatch: pytest.Mon
 @pytest.mark.parametrize("name, param", [(n, p) for n in CELLS for p in (cached_builtin(n).param_names[0], cached_builtin(n).param_names[-1])])
 def test_float32_gradients(name: str, param: str, k: float, monkeypatch: pytest.MonkeyPatch) -> None:
     prob = problem(name)
-    baseline = _battery.check_float32(prob)
+    base = baseline(_battery.check_float32, name)
     p64, x64, h64, L64 = _float32_problem(prob)
     g64 = sg.reference_kernel(prob.cell).backward(p64, x64, h64, loss=L64)
     g_abs = absolute_readout_gradient(prob.cell, p64, x64, h64, L64)
@@ -402,7 +411,7 @@ def test_float32_gradients(name: str, param: str, k: float, monkeypatch: pytest.
     inj = Injector(monkeypatch)
     inj.tamper(lambda dtype, backend: dtype == "float32", backward=edit)
     r = _battery.check_float32(prob)
-    assert_pinned(r, "float32", prob, k, baseline)
+    assert_pinned(r, "float32", prob, k, base)
     if k > 1:
         assert f"gradient {param}" in r.detail
 
@@ -418,7 +427,7 @@ def test_float32_gradients(name: str, param: str, k: float, monkeypatch: pytest.
 def test_batch(name: str, part: str, k: float, monkeypatch: pytest.MonkeyPatch) -> None:
     prob = problem(name)
     assert prob.B > 1  # the full batch is told apart from the batches of one by its size
-    baseline = _battery.check_batch(prob)
+    base = baseline(_battery.check_batch, name)
     amount = k * PINNED["batch"](prob.T)
     cell = prob.cell
     b = prob.B - 1
@@ -445,7 +454,7 @@ def test_batch(name: str, part: str, k: float, monkeypatch: pytest.MonkeyPatch) 
     inj = Injector(monkeypatch)
     inj.tamper(float64_reference, forward=forward, backward=backward)
     r = _battery.check_batch(prob)
-    assert_pinned(r, "batch", prob, k, baseline)
+    assert_pinned(r, "batch", prob, k, base)
     if k > 1:
         assert {"state": f"state {state}, sequence {b}", "h0": f"d/dh0[{state}], sequence {b}",
                 "param": f"mean gradient d/d{param}"}[part] in r.detail
@@ -493,7 +502,7 @@ def test_compiled_every_quantity(name: str, part: tuple[str, ...], k: float, com
     """Each quantity the compiled check compares comes from the compiled kernel: a defect in any
     one of them shows (a check that compared the reference with itself would not see it)."""
     prob = problem(name)
-    baseline = _battery.check_compiled(prob)
+    base = baseline(_battery.check_compiled, name)
     amount = k * PINNED["compiled"](prob.T)
 
     def bumped(a: Any) -> np.ndarray:
@@ -526,6 +535,6 @@ def test_compiled_every_quantity(name: str, part: tuple[str, ...], k: float, com
     inj = Injector(monkeypatch)
     inj.tamper(lambda dtype, backend: backend == "compiled", forward=forward, backward=backward, jvp=jvp)
     r = _battery.check_compiled(prob)
-    assert_pinned(r, "compiled", prob, k, baseline)
+    assert_pinned(r, "compiled", prob, k, base)
     if k > 1:
         assert f"worst at {_compiled_label(part)};" in r.detail
