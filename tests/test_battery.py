@@ -159,3 +159,38 @@ def test_readout_cancellation_is_not_an_error(check: str, seed: int, rho: float)
     assert readout > 50 * contributions  # the case is one of cancellation in the readout
     assert r.passed, f"{r.check}: {r.error:.3e} > {r.tolerance:.3e}; {r.detail}"
     assert absolute_error > r.tolerance * contributions  # normalised by the contributions alone it fails
+
+
+def test_drawn_batches_cross_the_compiled_kernels_threshold() -> None:
+    """Unless B is given, problems have batches on both sides of the compiled kernels' switch to
+    per-step products (B >= STEP_WGRAD_MIN_B), so the battery runs both strategies."""
+    from symgate._codegen import STEP_WGRAD_MIN_B
+    from symgate.testing._battery import BATCH_SIZES
+
+    assert {STEP_WGRAD_MIN_B - 1, STEP_WGRAD_MIN_B, STEP_WGRAD_MIN_B + 1} <= set(BATCH_SIZES)
+    assert min(BATCH_SIZES) == 1 and max(BATCH_SIZES) > 2 * STEP_WGRAD_MIN_B
+    cell = sg.testing.cached_builtin("gru")
+    drawn = {sg.testing.draw_problem(cell, s).B for s in range(100)}
+    assert drawn == set(BATCH_SIZES)
+    assert sg.testing.draw_problem(cell, 0, B=5).B == 5
+
+
+def test_sizes_strategy_draws_batches_across_the_threshold() -> None:
+    from hypothesis import find
+
+    from symgate._codegen import STEP_WGRAD_MIN_B
+    from symgate.testing._battery import BATCH_SIZES
+
+    for b in (STEP_WGRAD_MIN_B - 1, STEP_WGRAD_MIN_B, max(BATCH_SIZES)):
+        assert find(sg.testing.sizes(), lambda s, b=b: s["B"] == b)["B"] == b
+    assert find(sg.testing.sizes(), lambda s: True)["B"] == 1  # shrinks to the smallest batch
+
+
+@given(sz=sg.testing.sizes(max_batch=5))
+def test_sizes_strategy_keeps_max_batch(sz: dict) -> None:
+    assert sz["B"] in (1, 2, 3, 5)
+
+
+def test_sizes_strategy_rejects_bad_bounds() -> None:
+    with pytest.raises(sg.ConfigError, match="max_batch must be an integer >= 1, got 0"):
+        sg.testing.sizes(max_batch=0)

@@ -80,6 +80,7 @@ import numpy as np
 import sympy
 
 from .._cell import Cell, Dim
+from .._codegen import STEP_WGRAD_MIN_B
 from .._derive._local import local_partials
 from .._errors import CellSpecError, ConfigError, VerificationError
 from .._functions import MPMATH_FUNCTIONS, NUMPY_FUNCTIONS
@@ -99,6 +100,7 @@ __all__ = [
     "check_mpmath",
     "check_float32",
     "verify",
+    "BATCH_SIZES",
     "EPS64",
     "EPS32",
     "C_FD",
@@ -111,6 +113,10 @@ C_FD = 100.0
 C_ROUND = 64.0
 TOL_FD = C_FD * EPS64 ** (2.0 / 3.0)
 CS_STEP = 1e-30
+#: the batch sizes :func:`draw_problem` draws from: small ones, and both sides of the batch size
+#: from which compiled kernels compute input products and weight gradients step by step
+#: (``STEP_WGRAD_MIN_B``), so the battery runs both strategies
+BATCH_SIZES = tuple(sorted({1, 2, 3, STEP_WGRAD_MIN_B - 1, STEP_WGRAD_MIN_B, STEP_WGRAD_MIN_B + 1, 2 * STEP_WGRAD_MIN_B + 1}))
 
 
 # ----------------------------------------------------------------------------
@@ -202,6 +208,10 @@ def draw_problem(
 ) -> Problem:
     """A random problem for ``cell``: sizes (small by default), spectrally scaled weights.
 
+    Unless given, ``n`` is drawn in 1..5, ``m`` in 1..3, ``T`` in 1..6 and the batch ``B``
+    from :data:`BATCH_SIZES` (small batches and both sides of the compiled kernels'
+    batch threshold).
+
     Every matrix is scaled to spectral norm ``rho * U(0.5, 1)`` (``rho`` drawn in
     [0.3, 1.2] unless given), so Jacobian products stay bounded; vectors and scalars
     are N(0, 0.5^2); inputs N(0, 1); initial states U(-0.5, 0.5).
@@ -217,7 +227,7 @@ def draw_problem(
     for d in cell.dims():
         v = given.get(d)
         sizes[d] = _check_int(f"size {d}", v, 1) if v is not None else int(rng.integers(1, 6 if d != "m" else 4))
-    B = _check_int("batch size B", B, 1) if B is not None else int(rng.integers(1, 4))
+    B = _check_int("batch size B", B, 1) if B is not None else BATCH_SIZES[int(rng.integers(len(BATCH_SIZES)))]
     T = _check_int("sequence length T", T, 1) if T is not None else int(rng.integers(1, 7))
     if rho is not None and (isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho) or rho <= 0):
         raise ConfigError(f"rho must be a finite positive number, got {rho!r}")

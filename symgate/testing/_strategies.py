@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from .._cell import Cell
 from ..cells import BUILTIN, builtin
-from ._battery import Problem, draw_problem
+from ._battery import BATCH_SIZES, Problem, _check_int, draw_problem
 from ._random_cells import Recipe, all_recipes, build
 
 __all__ = ["builtin_cells", "random_cells", "cells", "sizes", "parameters", "inputs", "problems", "cached_builtin", "cached_random"]
@@ -57,13 +57,21 @@ def cells() -> st.SearchStrategy[Cell]:
     return st.one_of(builtin_cells(), random_cells())
 
 
-def sizes(*, max_n: int = 5, max_m: int = 3, max_batch: int = 3, max_steps: int = 6) -> st.SearchStrategy[dict[str, int]]:
-    """Sizes ``{"n", "m", "B", "T"}``, small enough for dense checks."""
+def sizes(*, max_n: int = 5, max_m: int = 3, max_batch: int = max(BATCH_SIZES), max_steps: int = 6) -> st.SearchStrategy[dict[str, int]]:
+    """Sizes ``{"n", "m", "B", "T"}``, small enough for dense checks.
+
+    The batch ``B`` is one of :data:`~symgate.testing._battery.BATCH_SIZES` up to ``max_batch``
+    (small batches and both sides of the compiled kernels' batch threshold), or ``max_batch``
+    itself; it shrinks towards 1.
+    """
+    bounds = {name: _check_int(name, v, 1) for name, v in
+              (("max_n", max_n), ("max_m", max_m), ("max_batch", max_batch), ("max_steps", max_steps))}
+    batches = sorted({b for b in BATCH_SIZES if b <= bounds["max_batch"]} | {bounds["max_batch"]})
     return st.fixed_dictionaries({
-        "n": st.integers(1, max_n),
-        "m": st.integers(1, max_m),
-        "B": st.integers(1, max_batch),
-        "T": st.integers(1, max_steps),
+        "n": st.integers(1, bounds["max_n"]),
+        "m": st.integers(1, bounds["max_m"]),
+        "B": st.sampled_from(batches),
+        "T": st.integers(1, bounds["max_steps"]),
     })
 
 
