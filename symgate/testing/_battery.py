@@ -55,18 +55,20 @@ residual ``r_t = V h_t - y_t``.  Both are sums (over the state's units, over the
 readout's outputs) whose terms carry rounding: the forward state itself is only
 known to ``C_ROUND (T+1) eps |h|`` per unit, and enters ``r`` through ``|V||h|``.
 Where these sums cancel (the loss nearly stationary along ``h``: two outputs whose
-``r_o V_o`` nearly cancel, about once in 500 random problems with ``n = B = T = 1``)
-every gradient entry, and so every contribution ``g_i d_i`` of a directional
-derivative, shrinks with the cancellation while its absolute error does not: both
-routes then differ from the exact derivative by ``O(eps) (|V||h| + |y|) |V| |dh|``,
-which no multiple of ``sum_i |g_i d_i|`` bounds.  So the scale of a loss gradient
-also counts the readout's terms absolutely: it is at least the gradient ``g_abs``
+``r_o V_o`` nearly cancel; for ``rc_softplus_vector_none_additive_b`` with
+``n = m = B = T = 1`` about one problem in 500, failing by up to 38x) every
+gradient entry, and so every contribution ``g_i d_i`` of a directional derivative,
+shrinks with the cancellation while its absolute error does not: both routes then
+differ from the exact derivative by ``O(eps) (|V||h| + |y|) |V| |dh|``, which no
+multiple of ``sum_i |g_i d_i|`` bounds.  So the scale of a loss gradient also
+counts the readout's terms absolutely: it is at least the gradient ``g_abs``
 pulled back (by the float64 numpy reference) from the *absolute cotangent*
-``(2/N) (|V||h_t| + |y_t|) |V|``, which bounds every term of both sums (``|r| <=
-|V||h| + |y|``).  ``bptt_cs`` normalises by ``max(sum_i |g_i d_i|, sum_i |g_abs,i d_i|)``,
-``float32`` by the largest entry of ``g`` or ``g_abs``.  Where nothing cancels the
-two scales are within a small factor (median 2, 90% below 5 over the built-ins and
-random cells), so the tolerances keep their meaning.
+``(2/N) (|V||h_t| + |y_t|) |V|``, which bounds every term of both sums
+(``|r| <= |V||h| + |y|``).  ``bptt_cs`` normalises by
+``max(sum_i |g_i d_i|, sum_i |g_abs,i d_i|)``, ``float32`` by the largest entry of
+``g`` or ``g_abs``.  Where nothing cancels the two scales are within a small
+factor (median 2, 90% below 5 over the built-ins and random cells), so the
+tolerances keep their meaning.
 """
 
 from __future__ import annotations
