@@ -23,7 +23,7 @@ from ._build import SymgateWarning, build_module
 from ._cell import Cell, Dim
 from ._codegen import BACKWARD, DEFAULT_POLICY, FORWARD, JVP, LOSS_LAST, LOSS_STEP, GeneratedSource, KernelPlan, Policy, RunOptions, Slot, cell_plan, generate, run_plan, structural_decisions
 from ._errors import CellSpecError, NonFiniteError, NumericalError, ShapeError, SymgateError
-from ._reference import Gradients, ReferenceKernel, Trajectory
+from ._reference import Gradients, ReferenceKernel, Trajectory, numerical_message
 from ._validate import check_dtype
 from .losses import LastMSE, Loss, StepMSE
 
@@ -197,6 +197,11 @@ class _Run:
             self.kernel._raise(code, self)
 
 
+#: what a negative return code of the generated ``run`` says was not finite
+_STAGES = {-1: "the forward pass (a state, a node or a matrix product)", -2: "the loss",
+           -3: "a state tangent (JVP)", -4: "a gradient"}
+
+
 class CompiledKernel(ReferenceKernel):
     """A kernel whose forward pass, losses and BPTT are one compiled program (float32 or float64)."""
 
@@ -270,9 +275,7 @@ class CompiledKernel(ReferenceKernel):
             assert a is not None
             bad = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0]) if a.ndim else ()
             raise NonFiniteError(f"{what} contains a non-finite value ({a[bad]!r} at index {bad})")
-        raise NumericalError(
-            f"cell {self.cell.name!r}: the compiled computation produced a non-finite value from finite inputs "
-            "(overflow: exploding states or gradients); scale the parameters or inputs down")
+        raise NumericalError(numerical_message(self.cell.name, _STAGES.get(code, "a result")))
 
     # ------------------------------------------------------------------ forward
     def _forward(self, params: dict[str, np.ndarray], x: np.ndarray, h0: dict[str, np.ndarray], sizes: dict[Dim, int]) -> Trajectory:

@@ -8,6 +8,12 @@ on the state (input projections ``U @ x``, ``+ b``) are computed for all steps a
 once before the time loop, and the gradients of their matrices as one product
 over ``T*B`` after it.
 
+Non-finite results: values computed from finite inputs that come out NaN or infinite (an
+overflow, the log of a negative number, a division by zero) raise
+:class:`~symgate.NumericalError` naming the stage (forward pass, loss, gradient, tangent),
+exactly where the compiled kernels raise it; numpy's floating-point warnings are not
+emitted.
+
 Array conventions: ``x`` is ``(T, B, m)``; states are ``(B, n)``; trajectories are
 ``(T, B, n)`` and hold the states *after* steps ``1..T``; parameters are a dict of
 arrays shaped as declared (``Matrix(r, c)`` -> ``(r, c)``, ``Vector`` -> ``(d,)``,
@@ -27,7 +33,7 @@ from ._cell import Cell, Dim
 from ._derive import jacobian as _jacobian
 from ._derive import parameter_jacobian as _parameter_jacobian
 from ._derive._program import Step, program
-from ._errors import CellSpecError, ShapeError
+from ._errors import CellSpecError, NumericalError, ShapeError
 from ._functions import NUMPY_FUNCTIONS
 from ._linalg import matmul
 from ._validate import check_array, check_dtype, check_params, check_states, resolve_sizes
@@ -107,6 +113,24 @@ class _Step:
         if self._partials is None:
             self._partials = [(name, dim, *_lambdify(e)) for name, dim, e in self.step.partials]
         return self._partials
+
+
+def numerical_message(cell: str, what: str) -> str:
+    """The message of the :class:`~symgate.NumericalError` both backends raise."""
+    return (f"cell {cell!r}: {what} is NaN or infinite although every input is finite (an overflow -- exploding "
+            "states or gradients --, the log or a fractional power of a negative number, or a division by zero); "
+            "scale the parameters or inputs down, or check the cell's body")
+
+
+def require_finite(cell: str, what: str, arrays: Any) -> None:
+    """Raise :class:`~symgate.NumericalError` if any of ``arrays`` holds NaN or infinity."""
+    for a in arrays:
+        if a is not None and not np.all(np.isfinite(a)):
+            raise NumericalError(numerical_message(cell, what))
+
+
+def _gradient_arrays(g: "Gradients") -> list[Any]:
+    return [*g.params.values(), *g.h0.values(), g.x, *g.readout.values()]
 
 
 def _evaluate(st: _Step, vals: Mapping[str, Any], params: Mapping[str, np.ndarray]) -> Any:
@@ -209,12 +233,14 @@ class ReferenceKernel:
         cell = self.cell
         T, B, _ = x.shape
         dt = self.dtype
-        static = self._static(params, x, sizes)
-        node_traj = {st.name: np.empty((T, B, sizes[st.dim]), dtype=dt) for st in self._plan if st.kind != "out" and not st.static}
-        states = {s.name: np.empty((T, B, sizes[s.dim]), dtype=dt) for s in cell.states}
-        self._forward_loop(params, x, h0, static, node_traj, states, sizes)
+        with np.errstate(all="ignore"):  # non-finite values are reported below, as the compiled kernels do
+            static = self._static(params, x, sizes)
+            node_traj = {st.name: np.empty((T, B, sizes[st.dim]), dtype=dt) for st in self._plan if st.kind != "out" and not st.static}
+            states = {s.name: np.empty((T, B, sizes[s.dim]), dtype=dt) for s in cell.states}
+            self._forward_loop(params, x, h0, static, node_traj, states, sizes)
         nodes = dict(static)
         nodes.update(node_traj)
+        require_finite(cell.name, "the forward pass (a state, a node or a matrix product)", [*states.values(), *nodes.values()])
         return Trajectory(states, nodes, h0, x, sizes)
 
     def _forward_loop(self, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Mapping[str, np.ndarray],
@@ -288,7 +314,10 @@ class ReferenceKernel:
         T, B, _ = x.shape
         cots = self._check_cot(cotangents, sizes, T, B)
         traj = trajectory if trajectory is not None else self._forward(params, x, h0d, sizes)
-        return self._backward(params, traj, cots)
+        with np.errstate(all="ignore"):
+            g = self._backward(params, traj, cots)
+        require_finite(self.cell.name, "a gradient", _gradient_arrays(g))
+        return g
 
     def _check_cot(self, cot: Any, sizes: Mapping[Dim, int], T: int, B: int) -> dict[str, np.ndarray]:
         if not isinstance(cot, Mapping):
@@ -316,11 +345,15 @@ class ReferenceKernel:
         first = self.cell.states[0]
         loss.check(T, B, sizes[first.dim], self.dtype)
         traj = self._forward(params, x, h0d, sizes)
-        value, cot, readout = loss.evaluate(traj.states[first.name])
+        with np.errstate(all="ignore"):
+            value, cot, readout = loss.evaluate(traj.states[first.name])
+        require_finite(self.cell.name, "the loss", [np.asarray(value)])
         cots = {s.name: (cot if s is first else np.zeros_like(traj.states[s.name])) for s in self.cell.states}
-        g = self._backward(params, traj, cots)
+        with np.errstate(all="ignore"):
+            g = self._backward(params, traj, cots)
         g.value = value
         g.readout = readout
+        require_finite(self.cell.name, "a gradient", _gradient_arrays(g))
         return g
 
     def _backward(self, params: Mapping[str, np.ndarray], traj: Trajectory, cots: Mapping[str, np.ndarray]) -> Gradients:
@@ -440,7 +473,10 @@ class ReferenceKernel:
     def _jvp_checked(self, params: dict[str, np.ndarray], x: np.ndarray, h0: dict[str, np.ndarray], sizes: dict[Dim, int],
                      tp: Mapping[str, np.ndarray], th0: Mapping[str, np.ndarray], tx: np.ndarray) -> dict[str, np.ndarray]:
         traj = self._forward(params, x, h0, sizes)
-        return self._jvp(params, traj, tp, th0, tx)
+        with np.errstate(all="ignore"):
+            out = self._jvp(params, traj, tp, th0, tx)
+        require_finite(self.cell.name, "a state tangent (JVP)", list(out.values()))
+        return out
 
     def _jvp(self, params: Mapping[str, np.ndarray], traj: Trajectory, tp: Mapping[str, np.ndarray],
              th0: Mapping[str, np.ndarray], tx: np.ndarray) -> dict[str, np.ndarray]:

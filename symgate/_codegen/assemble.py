@@ -88,7 +88,9 @@ def _run(slots: list[Slot], int_fields: list[str]) -> str:
     (``ints`` of the generator) and the element counts to check for NaN/inf (0: unchecked).
 
     ``what``: 1 forward, 2 last-state loss, 4 per-step loss, 8 BPTT, 16 JVP (bits).  Returns 0,
-    or k > 0 if input slot k-1 holds a NaN/inf, or -1 if a result is not finite.
+    or k > 0 if input slot k-1 holds a NaN/inf, or, for NaN/inf computed from finite inputs:
+    -1 a value of the forward pass (a state, a node, a matrix product), -2 the loss,
+    -3 a state tangent (JVP), -4 a gradient.
     """
     cdef const long long* ptr = <const long long*>ptr_addr
     cdef const long long* iv = <const long long*>iv_addr
@@ -115,17 +117,15 @@ def _checked(em: Emitter, slots: list[Slot], n_inputs: int) -> str:
     dim = {s: lay.dim_code[p.dim_of[s]] for s in p.states}
     in_checks = [f"    if c.{s.code} != NULL and not all_finite(c.{s.code}, sz[{k}]):\n        return {k + 1}"
                  for k, s in enumerate(slots[:n_inputs])]
-    s0 = dim[p.states[0]]
     zero_carry = [f"        memset(c.CA{k}, 0, sizeof(real)*c.B*c.{dim[st]})" for k, st in enumerate(p.states)]
-    tangent_checks = [f"        if not all_finite(c.TS{k} + c.T*c.B*c.{dim[st]}, c.B*c.{dim[st]}):\n            return -1"
+    tangent_checks = [f"        if not all_finite(c.TS{k}, (c.T + 1)*c.B*c.{dim[st]}):\n            return -3"
                       for k, st in enumerate(p.states)]
-    result_checks = [f"        if c.{slots[k].code} != NULL and not all_finite(c.{slots[k].code}, sz[{k}]):\n            return -1"
+    result_checks = [f"        if c.{slots[k].code} != NULL and not all_finite(c.{slots[k].code}, sz[{k}]):\n            return -4"
                      for k in _result_slots(em, slots)]
     return f"""cdef int _checked(Ctx* c, const long long* sz, int what) noexcept nogil:
 {chr(10).join(in_checks)}
     if what & {FORWARD}:
-        forward(c)
-        if not all_finite(c.S0 + c.T*c.B*c.{s0}, c.B*c.{s0}):
+        if forward(c):
             return -1
     if what & {BACKWARD}:
 {chr(10).join(zero_carry)}
@@ -134,7 +134,7 @@ def _checked(em: Emitter, slots: list[Slot], n_inputs: int) -> str:
     if what & {LOSS_STEP}:
         loss(c, 1)
     if what & {LOSS_LAST | LOSS_STEP} and not finite_double(c.LOSS[0]):
-        return -1
+        return -2
     if what & {JVP}:  # before BPTT, which reuses the transposed-weights buffers as scratch
         jvp(c)
 {chr(10).join(tangent_checks)}
@@ -155,9 +155,12 @@ def module_text(em: Emitter, slots: list[Slot], n_inputs: int, ints: list[tuple[
 
 {chr(10).join(funcs)}
 
-cdef void forward(Ctx* c) noexcept nogil:
+cdef int forward(Ctx* c) noexcept nogil:
+    # returns nonzero if a value it computed is NaN or infinite (checked inside the loops)
     cdef Py_ssize_t t, T = c.T, B = c.B
+    cdef int bad = 0
 {chr(10).join(forward)}
+    return bad
 
 
 {loss}

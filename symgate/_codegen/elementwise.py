@@ -27,14 +27,23 @@ __all__ = ["forward_function", "backward_function", "jvp_function", "ColumnSum"]
 ColumnSum = tuple
 
 
+def _group_reads(em: Emitter, op: Op, fn: FnParams, ctx: str) -> list[str]:
+    """Checks of the group outputs (matrix products) the loop reads: they are stored and returned too."""
+    names = sorted({nm for st in op.items for nm in st.reads if nm in em.plan.group_of})
+    return [f"            bad |= nonfinite({em.value(nm, fn, ctx, {})})" for nm in names]
+
+
 def forward_function(em: Emitter, name: str, op: Op, static: bool) -> tuple[str, str]:
-    """An elementwise forward function for one fused loop, and the call the driver makes."""
+    """An elementwise forward function for one fused loop, and the call the driver makes.
+
+    The function returns nonzero if any value it reads from a matrix product or writes is
+    NaN or infinite (a bit test fused into the loop: every stored or returned value is checked)."""
     fn = FnParams()
     ctx = "static" if static else "fwd"
     p, lay = em.plan, em.layout
     d = op.dim
     local: dict[str, str] = {}
-    body: list[str] = []
+    body: list[str] = _group_reads(em, op, fn, ctx)
     for k, st in enumerate(op.items):
         em.printer.access = {em.symbol[nm]: em.value(nm, fn, ctx, local) for nm in sorted(st.reads)}
         repl, red = cse([st.expr])  # type: ignore[list-item]
@@ -54,9 +63,12 @@ def forward_function(em: Emitter, name: str, op: Op, static: bool) -> tuple[str,
             q = lay.node_code[st.name]
             tgt = at(fn.ptr(q, f"c.{q} + t*c.st{q}"), lay.dim_code[d], "0", d)
         body.append(f"            {tgt} = {v}")
+        body.append(f"            bad |= nonfinite({v})")
         local[st.name] = v
-    decl = [f"    cdef real {', '.join([f'v{k}' for k in range(len(op.items))] + em.temps())}"]
-    src = "\n".join([em.signature(name, fn), "    cdef Py_ssize_t b, i", *decl, "    for b in range(B):", em.unit_loop(d), *body]) + "\n"
+    decl = [f"    cdef real {', '.join([f'v{k}' for k in range(len(op.items))] + em.temps())}", "    cdef bits_t bad = 0"]
+    head = em.signature(name, fn).replace("cdef void ", "cdef int ", 1)
+    src = "\n".join([head, "    cdef Py_ssize_t b, i", *decl, "    for b in range(B):", em.unit_loop(d), *body,
+                     "    return bad != 0"]) + "\n"
     return src, em.call(name, fn, "T*B" if static else "B")
 
 

@@ -34,7 +34,7 @@ def forward_calls(em: Emitter, funcs: list[str]) -> tuple[list[object], list[obj
 def _loop_call(em: Emitter, funcs: list[str], name: str, op: Op, static: bool) -> str:
     src, call = forward_function(em, name, op, static)
     funcs.append(src)
-    return call
+    return f"bad |= {call}"  # nonzero: a value of the loop is NaN or infinite
 
 
 def stacked_weights(em: Emitter, tangent: bool = False) -> list[str]:

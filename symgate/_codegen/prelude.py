@@ -63,6 +63,16 @@ cdef inline real sg_softplus(real u) noexcept nogil:
     return (u if u > zero else zero) + log1p{f}(exp{f}(-fabs{f}(u)))
 
 
+ctypedef {bits} bits_t
+
+
+cdef inline bits_t nonfinite(real v) noexcept nogil:
+    # 1 if v is NaN or infinite, by bit pattern (fused into the loops that write values)
+    cdef bits_t u
+    memcpy(&u, &v, sizeof(real))
+    return <bits_t>((u & {expmask}) == {expmask})
+
+
 cdef bint all_finite(const real* p, Py_ssize_t n) noexcept nogil:
     # by bit pattern: -ffast-math may assume finite floats and drop isfinite() tests
     cdef Py_ssize_t k
