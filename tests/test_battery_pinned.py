@@ -191,7 +191,8 @@ def assert_pinned(r: _battery.CheckResult, check: str, prob: sg.testing.Problem,
     e0 = base.error / tol
     assert e0 <= 0.5, f"{check}: the defect-free error is already {e0:.2f} of the tolerance; pick another problem"
     ratio = r.error / tol
-    assert abs(ratio - k) <= e0 + 8 * EPS / tol + 1e-3 * k, f"{check}: error/tolerance = {ratio:.4g} for a defect of {k} x tolerance; {r.detail}"
+    assert abs(ratio - k) <= e0 + 8 * EPS / tol + 1e-3 * k, \
+        f"{check}: error/tolerance = {ratio:.4g} for a defect of {k} x tolerance; {r.detail}"
     assert r.passed == (k < 1), f"{check}: passed={r.passed} with a defect of {k} x tolerance"
 
 
@@ -383,7 +384,8 @@ def test_float32_states(name: str, state: str, k: float, monkeypatch: pytest.Mon
 
     def edit(inner: Any, traj: Any, *a: Any, **kw: Any) -> Any:
         s = traj.states[state]
-        return dataclasses.replace(traj, states={**traj.states, state: bump(s, last_index(s), amount * relative_size(s), np.float64)})
+        changed = bump(s, last_index(s), amount * relative_size(s), np.float64)
+        return dataclasses.replace(traj, states={**traj.states, state: changed})
 
     inj = Injector(monkeypatch)
     inj.tamper(lambda dtype, backend: dtype == "float32", forward=edit)
@@ -394,7 +396,7 @@ def test_float32_states(name: str, state: str, k: float, monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("name, param", [(n, p) for n in CELLS for p in (cached_builtin(n).param_names[0], cached_builtin(n).param_names[-1])])
+@pytest.mark.parametrize("name, param", [(n, cached_builtin(n).param_names[i]) for n in CELLS for i in (0, -1)])
 def test_float32_gradients(name: str, param: str, k: float, monkeypatch: pytest.MonkeyPatch) -> None:
     prob = problem(name)
     base = baseline(_battery.check_float32, name)
@@ -440,7 +442,8 @@ def test_batch(name: str, part: str, k: float, monkeypatch: pytest.MonkeyPatch) 
         if part != "state" or not full(x):
             return traj
         s = traj.states[state]
-        return dataclasses.replace(traj, states={**traj.states, state: bump(s, (prob.T - 1, b, 0), amount * relative_size(s[:, b]))})
+        changed = bump(s, (prob.T - 1, b, 0), amount * relative_size(s[:, b]))
+        return dataclasses.replace(traj, states={**traj.states, state: changed})
 
     def backward(inner: Any, g: Any, params: Any, x: np.ndarray, *a: Any, **kw: Any) -> Any:
         if not full(x) or part == "state":

@@ -93,7 +93,7 @@ def test_codegen_writes_readable_source(tmp_path: Path, capsys: pytest.CaptureFi
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["gru_float32.pyx", "gru_float64.pyx"]
     src = (tmp_path / "out" / "gru_float64.pyx").read_text()
-    assert src.startswith("# cython:") and "cdef void forward(" in src and "cdef void backward(" in src and "def run(" in src
+    assert src.startswith("# cython:") and "cdef int forward(" in src and "cdef void backward(" in src and "def run(" in src
     assert "[reset    ]" in src  # the derived Jacobian in the header
 
 
@@ -111,7 +111,8 @@ def test_load_cell_lives_outside_the_cli(tmp_path: Path) -> None:
 
     assert symgate.cli.load_cell is symgate._loading.load_cell
     f = tmp_path / "c.py"
-    f.write_text("import symgate as sg\n\n@sg.cell\ndef tiny(h: sg.State(), x: sg.Input(), W: sg.Matrix('n', 'n'), U: sg.Matrix('n', 'm')):\n"
+    f.write_text("import symgate as sg\n\n@sg.cell\n"
+                 "def tiny(h: sg.State(), x: sg.Input(), W: sg.Matrix('n', 'n'), U: sg.Matrix('n', 'm')):\n"
                  "    return sg.tanh(W @ h + U @ x)\n")
     code = ("import sys\nfrom symgate.experiments._common import model_cell\n"
             f"assert model_cell({str(f) + ':tiny'!r}).name == 'tiny'\nassert 'symgate.cli' not in sys.modules\n")

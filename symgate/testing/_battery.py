@@ -715,7 +715,8 @@ def verify(
             if not isinstance(prob, Problem):
                 raise ConfigError(f"problems[{i}] is a {type(prob).__name__}, not a symgate.testing.Problem")
             if prob.cell is not cell:
-                raise ConfigError(f"problems[{i}] was drawn for cell {prob.cell.name!r}, not for the cell {cell.name!r} being verified")
+                raise ConfigError(f"problems[{i}] was drawn for cell {prob.cell.name!r}, "
+                                  f"not for the cell {cell.name!r} being verified")
     report = VerificationReport(cell.name)
     for prob in problems:
         for c in names:

@@ -57,7 +57,8 @@ def cells() -> st.SearchStrategy[Cell]:
     return st.one_of(builtin_cells(), random_cells())
 
 
-def sizes(*, max_n: int = 5, max_m: int = 3, max_batch: int = max(BATCH_SIZES), max_steps: int = 6) -> st.SearchStrategy[dict[str, int]]:
+def sizes(*, max_n: int = 5, max_m: int = 3, max_batch: int = max(BATCH_SIZES),
+          max_steps: int = 6) -> st.SearchStrategy[dict[str, int]]:
     """Sizes ``{"n", "m", "B", "T"}``, small enough for dense checks.
 
     The batch ``B`` is one of :data:`~symgate.testing._battery.BATCH_SIZES` up to ``max_batch``
