@@ -301,11 +301,12 @@ class CompiledKernel(ReferenceKernel):
             nodes[nm] = arr[codes[nm]]  # type: ignore[assignment]
         for nm in g.nodes:
             dyn[nm] = arr[codes[nm]]  # type: ignore[assignment]
-        order = [st.name for st in self._plan if st.kind != "out"]
+        order = [st.name for st in self._plan if st.kind not in ("out", "aux")]
         static_names = {st.name for st in self._plan if st.static}
         out = {nm: nodes[nm] for nm in order if nm in static_names}
         out.update({nm: dyn[nm] for nm in order if nm not in static_names})
-        return Trajectory(states, out, h0, x, dict(sizes))
+        aux = {st.name: (nodes if st.static else dyn)[st.name] for st in self._plan if st.kind == "aux"}
+        return Trajectory(states, out, h0, x, dict(sizes), aux)
 
     # ------------------------------------------------------------------ BPTT
     def _gradients(self, run: _Run, sizes: Mapping[Dim, int]) -> Gradients:

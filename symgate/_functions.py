@@ -29,6 +29,7 @@ import sympy
 __all__ = [
     "Sigmoid",
     "Softplus",
+    "Sech2",
     "DERIVATIVE_RULES",
     "NUMPY_FUNCTIONS",
     "MPMATH_FUNCTIONS",
@@ -96,6 +97,34 @@ class Softplus(sympy.Function):
         return "softplus(%s)" % printer._print(self.args[0])
 
 
+class Sech2(sympy.Function):
+    r""":math:`\operatorname{sech}^2 u = 1 - \tanh^2 u`, evaluated without cancellation.
+
+    Not a cell-body function: the stable form of the tanh derivative ``1 - phi**2`` (see
+    :mod:`symgate._derive._stable`), accurate where ``tanh`` rounds to +-1."""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
+        return -2 * self * sympy.tanh(self.args[0])
+
+    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs: Any) -> sympy.Expr:
+        return 4 / (sympy.exp(u) + sympy.exp(-u)) ** 2
+
+    def _eval_evalf(self, prec: int) -> sympy.Expr:
+        return self.rewrite(sympy.exp)._eval_evalf(prec)
+
+    def _eval_is_real(self) -> bool | None:
+        return self.args[0].is_real
+
+    def _latex(self, printer: Any, exp: Any = None) -> str:
+        s = r"\operatorname{sech}^{2}\left(%s\right)" % printer._print(self.args[0])
+        return s if exp is None else r"\left(%s\right)^{%s}" % (s, exp)
+
+    def _sympystr(self, printer: Any) -> str:
+        return "sech2(%s)" % printer._print(self.args[0])
+
+
 #: Derivative rules as data: ``rule(y, u)`` is dF/du for ``y = F(u)``.
 DERIVATIVE_RULES: dict[type, Callable[[sympy.Expr, sympy.Expr], sympy.Expr]] = {
     sympy.tanh: lambda y, u: 1 - y**2,
@@ -130,6 +159,14 @@ def _np_softplus(u: np.ndarray) -> np.ndarray:
     return np.where(pos, u, 0.0) + np.log1p(np.exp(np.where(pos, -u, u)))
 
 
+def _np_sech2(u: np.ndarray) -> np.ndarray:
+    """1 - tanh(u)**2 as 4e/(1+e)^2 with e = exp(-2|u|): no cancellation, no overflow; analytic
+    for the complex step (e = exp(-2u sign(Re u)))."""
+    u = np.asarray(u)
+    e = np.exp(np.where(np.real(u) >= 0, -2 * u, 2 * u))
+    return 4 * e / (1 + e) ** 2
+
+
 def _mp_sigmoid(u: Any) -> Any:
     import mpmath
 
@@ -142,12 +179,19 @@ def _mp_softplus(u: Any) -> Any:
     return mpmath.log(1 + mpmath.exp(u))
 
 
+def _mp_sech2(u: Any) -> Any:
+    import mpmath
+
+    return mpmath.sech(u) ** 2
+
+
 #: Name -> implementation, for ``sympy.lambdify(..., modules=[NUMPY_FUNCTIONS, "numpy"])``.
 NUMPY_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "Sigmoid": _np_sigmoid,
     "Softplus": _np_softplus,
     "sigmoid": _np_sigmoid,
     "softplus": _np_softplus,
+    "Sech2": _np_sech2,
 }
 #: Name -> implementation, for ``sympy.lambdify(..., modules=[MPMATH_FUNCTIONS, "mpmath"])``.
 MPMATH_FUNCTIONS: dict[str, Callable[..., Any]] = {
@@ -155,6 +199,7 @@ MPMATH_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "Softplus": _mp_softplus,
     "sigmoid": _mp_sigmoid,
     "softplus": _mp_softplus,
+    "Sech2": _mp_sech2,
 }
 
 

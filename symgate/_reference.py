@@ -48,7 +48,8 @@ class Trajectory:
 
     ``states[s]`` is ``(T, B, d)``: the state after each step; ``nodes[name]`` the
     per-step values of every interior node (gates, candidates, pre-activations),
-    ``(T, B, d)``; ``h0`` the initial states; ``sizes`` the resolved dimensions.
+    ``(T, B, d)``; ``h0`` the initial states; ``sizes`` the resolved dimensions; ``aux`` the
+    companion values of the derivation's stable forms (e.g. ``1-g`` as ``sigmoid(-u)``).
     """
 
     states: dict[str, np.ndarray]
@@ -56,6 +57,8 @@ class Trajectory:
     h0: dict[str, np.ndarray]
     x: np.ndarray
     sizes: dict[Dim, int]
+    #: companion values (stable complements such as ``1-g``) that BPTT and JVP read, ``(T, B, d)``
+    aux: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def h(self) -> np.ndarray:
@@ -241,7 +244,8 @@ class ReferenceKernel:
         nodes = dict(static)
         nodes.update(node_traj)
         require_finite(cell.name, "the forward pass (a state, a node or a matrix product)", [*states.values(), *nodes.values()])
-        return Trajectory(states, nodes, h0, x, sizes)
+        aux = {st.name: nodes.pop(st.name) for st in self._plan if st.kind == "aux"}
+        return Trajectory(states, nodes, h0, x, sizes, aux)
 
     def _forward_loop(self, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Mapping[str, np.ndarray],
                       static: Mapping[str, np.ndarray], node_traj: dict[str, np.ndarray], states: dict[str, np.ndarray],
@@ -274,6 +278,8 @@ class ReferenceKernel:
         for s in self.cell.states:
             vals[s.name] = traj.h0[s.name] if t == 0 else traj.states[s.name][t - 1]
         for k, v in traj.nodes.items():
+            vals[k] = v[t]
+        for k, v in traj.aux.items():
             vals[k] = v[t]
         return vals
 
@@ -382,7 +388,8 @@ class ReferenceKernel:
         # the state-independent part, for all steps at once
         vals = self._leaf_values(params)
         vals[xname] = x
-        vals.update({k: v for k, v in traj.nodes.items()})
+        vals.update(traj.nodes)
+        vals.update(traj.aux)
         adj = {k: v for k, v in static_adj.items()}
         for st in reversed([s for s in self._plan if s.static]):
             a = adj.pop(st.name, None)
@@ -502,6 +509,7 @@ class ReferenceKernel:
         vals_all = self._leaf_values(params)
         vals_all[xname] = traj.x
         vals_all.update(traj.nodes)
+        vals_all.update(traj.aux)
         tan_static: dict[str, Any] = dict(base_t)
         tan_static[xname] = tx
         for st in self._plan:

@@ -31,6 +31,7 @@ from ._cell import Cell, Dim, UnitSymbol
 from ._derive import jacobian, parameter_jacobian
 from ._derive._expansion import effective_lr, retention_state, split as make_split
 from ._derive._jacobian import ORIGINS, StructuredJacobian, _LAMBDIFIED
+from ._derive._stable import argument_form, log_abs
 from ._errors import ShapeError
 from ._linalg import matmul
 from ._reference import Trajectory, reference_kernel
@@ -143,22 +144,32 @@ def _lag_sums(v: np.ndarray, max_lag: int, *, gain: np.ndarray | None = None, in
     return out
 
 
+def _log_abs(v: np.ndarray, log_v: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``log|v|`` (0 where a factor is exactly zero) and the zero mask; ``log_v`` if given is the
+    log-domain value (finite where ``v`` itself underflows)."""
+    if log_v is not None:
+        zero = np.isneginf(log_v)
+        return np.where(zero, 0.0, log_v), zero
+    zero = v == 0
+    return np.log(np.where(zero, 1.0, np.abs(v))), zero
+
+
 def _log_window_products(v: np.ndarray, max_lag: int, *, gain: np.ndarray | None = None, inclusive: bool = False,
-                         exp_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                         exp_out: np.ndarray | None = None, log_v: np.ndarray | None = None,
+                         log_gain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     r"""Log-domain ``log|prod|`` and sign of windowed products of ``v`` (``(T, ...)``) for all steps and lags.
 
     ``inclusive=False``: :math:`\prod_{j=t-\ell+1}^{t} v_j`, times ``gain_{t-ell}`` if given;
     ``inclusive=True``: :math:`\prod_{j=t-\ell}^{t} v_j`.  Zero factors give ``-inf`` exactly
     and signs come from exact integer counts (cumulative sums of integers differ exactly);
-    the sign is ``None`` when nothing is negative.
+    the sign is ``None`` when nothing is negative.  ``log_v`` / ``log_gain``, if given, are
+    ``log|v|`` / ``log|gain|`` computed in the log domain (finite where a factor underflows).
     """
-    zero = v == 0
-    logv = np.log(np.where(zero, 1.0, np.abs(v)))
+    logv, zero = _log_abs(v, log_v)
     loggain = None
     if gain is not None:
-        gzero = gain == 0
-        loggain = np.log(np.where(gzero, 1.0, np.abs(gain)))
-    log_abs = _lag_sums(logv, max_lag, gain=loggain, inclusive=inclusive, exp_out=exp_out)
+        loggain, gzero = _log_abs(gain, log_gain)
+    log_prod = _lag_sums(logv, max_lag, gain=loggain, inclusive=inclusive, exp_out=exp_out)
     offset = 1 if inclusive else 0
     if zero.any() or (gain is not None and gzero.any()):
         Z = _cumulative(zero.astype(np.int64))
@@ -166,7 +177,7 @@ def _log_window_products(v: np.ndarray, max_lag: int, *, gain: np.ndarray | None
         if gain is not None:
             Zb[1:] -= gzero.astype(np.int64)
         nz = _lag_differences(Z, Zb, max_lag, offset, 0) > 0
-        log_abs[nz] = -np.inf
+        log_prod[nz] = -np.inf
         if exp_out is not None:
             exp_out[nz] = 0.0
     sign = None
@@ -179,7 +190,7 @@ def _log_window_products(v: np.ndarray, max_lag: int, *, gain: np.ndarray | None
         sign = 1.0 - 2.0 * (_lag_differences(Nn, Nb, max_lag, offset, 0) % 2)
         if exp_out is not None:
             exp_out *= sign
-    return log_abs, sign
+    return log_prod, sign
 
 
 class EffectiveLRTrajectory:
@@ -293,15 +304,17 @@ def effective_lrs(
     vals = step_values(cell, params, traj)
     T, B = traj.x.shape[:2]
     n = traj.states[elr.state].shape[-1]
-    w = np.ascontiguousarray(_per_unit(elr.write_gain_unit, vals, (T, B, n)))
-    lam = np.ascontiguousarray(_per_unit(elr.leak_unit, vals, (T, B, n)))
+    shape = (T, B, n)
+    w, lam = (np.ascontiguousarray(_per_unit(argument_form(cell, e), vals, shape)) for e in (elr.write_gain_unit, elr.leak_unit))
+    # the logs of the factors in the log domain: log(1 - g) = -softplus(u) is finite where 1 - g underflows
+    log_w, log_lam = (np.ascontiguousarray(_per_unit(log_abs(cell, e), vals, shape)) for e in (elr.write_gain_unit, elr.leak_unit))
     mu_lm = np.empty((max_lag + 1, T, B, n)) if compute_mu else None
     if convention == "s1":
-        log_abs, sign = _log_window_products(w, max_lag, inclusive=True, exp_out=mu_lm)
+        log_mu, sign = _log_window_products(w, max_lag, inclusive=True, exp_out=mu_lm, log_v=log_w)
     elif convention == "followup":
-        log_abs, sign = _log_window_products(lam, max_lag, exp_out=mu_lm)
+        log_mu, sign = _log_window_products(lam, max_lag, exp_out=mu_lm, log_v=log_lam)
     else:
-        log_abs, sign = _log_window_products(lam, max_lag, gain=w, exp_out=mu_lm)
+        log_mu, sign = _log_window_products(lam, max_lag, gain=w, exp_out=mu_lm, log_v=log_lam, log_gain=log_w)
     fo = None
     if first_order and convention != "s1":  # the released S1 predictor has no first-order correction
         r = _diagonal_rest(cell, params, vals, elr.state, (T, B, n))
@@ -309,9 +322,9 @@ def effective_lrs(
             ratio = np.where(lam == 0, np.nan, r / np.where(lam == 0, 1.0, lam))
         S = _lag_sums(ratio, max_lag)
         S[np.isneginf(S)] = 0.0
-        mu0 = np.exp(log_abs) if sign is None else sign * np.exp(log_abs)
-        fo = np.where(np.isneginf(log_abs), 0.0, mu0 * S)
-    return EffectiveLRTrajectory(elr.param, elr.state, convention, log_abs, sign, w, lam, mu_lm, fo)
+        mu0 = np.exp(log_mu) if sign is None else sign * np.exp(log_mu)
+        fo = np.where(np.isneginf(log_mu), 0.0, mu0 * S)
+    return EffectiveLRTrajectory(elr.param, elr.state, convention, log_mu, sign, w, lam, mu_lm, fo)
 
 
 def _diagonal_rest(cell: Cell, params: Mapping[str, np.ndarray], vals: Mapping[str, Any], state: str,

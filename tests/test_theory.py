@@ -629,8 +629,9 @@ def test_diagonal_first_order_correction(tier: str, family: str, data) -> None:
 
 
 def test_first_order_survives_a_saturated_gate_step() -> None:
-    """A gate that saturates to exactly 1.0 in float64 (sigmoid(z) for z > ~37) makes
-    lambda = 0 at one step.  mu handles it (zero factors are counted apart); the
+    """A gate so saturated that its retention lambda = sigmoid(-z) underflows to 0.0 in float64
+    (z > ~745; for smaller z the stable form keeps lambda > 0 where 1 - g would round to 0)
+    makes lambda = 0 at one step.  mu handles it (zero factors are counted apart); the
     first-order correction must too: windows that do not contain the zero step are finite,
     and the empty window (ell = 0) gives 0.  (Regression test: at commit f9cf78d the prefix
     sums of r/lambda carried the NaN of that step into every later window, and ell = 0 gave
@@ -640,7 +641,7 @@ def test_first_order_survives_a_saturated_gate_step() -> None:
     p = dict(prob.params)
     p.update(Ug=np.ones((2, 1)), Wg=np.zeros((2, 2)), c=np.zeros(2))
     x = prob.x.copy()
-    x[:, 0, 0] = [50.0, 0.1, 0.2, 0.3]  # step 1 saturates: g = 1.0 exactly, lambda_1 = 0
+    x[:, 0, 0] = [800.0, 0.1, 0.2, 0.3]  # step 1 saturates: lambda_1 = sigmoid(-800) underflows to 0
     mu = sg.effective_lrs(cell, p, x, prob.h0, max_lag=3, first_order=True)
     assert mu.leak[0, 0, 0] == 0.0 and np.all(mu.leak[1:] > 0)
     fo = mu.first_order[:, :, 0, 0]

@@ -59,7 +59,7 @@ class Emitter:
         self.dtype = dtype
         self.layout = Layout(plan)
         self.printer = KernelPrinter(dtype)
-        self.symbol = plan.cell.symbols
+        self.symbol = plan.symbols
         self.name_of = {s: n for n, s in self.symbol.items()}
         self.constants = plan.cell.constants
         self.max_temps = 0  # CSE temporaries the largest function needs

@@ -147,6 +147,8 @@ class _Backward:
     def pull_back(self, st: object) -> None:
         """The code adding one owner's adjoint times its partials to what it reads."""
         em = self.em
+        if st.kind == "aux":  # type: ignore[attr-defined]  # a companion value: read by partials, no adjoint
+            return
         a_code = self.owner_adjoint(st)
         parts = [(src, e) for src, _d, e in st.partials if em.adjoint(src, FnParams(), self.ctx) is not None]  # type: ignore[attr-defined]
         if not parts:
@@ -190,6 +192,8 @@ def jvp_function(em: Emitter, name: str, op: Op, static: bool) -> tuple[str, str
     local: dict[str, str] = {}
     body: list[str] = []
     for k, st in enumerate(op.items):
+        if st.kind == "aux":  # companion values have no tangent (they are read by the partials only)
+            continue
         terms, tangent_syms = [], []
         for src, _d, e in st.partials:
             ta = em.value(src, fn, ctx, local, tangent=True)

@@ -55,9 +55,9 @@ class Layout:
         self.scalar_code = {p.name: f"p{k}" for k, p in enumerate(q for q in cell.params if q.kind == "scalar")}
         self.node_code = {nm: f"N{k}" for k, nm in enumerate(plan.nodes)}
         self.static_node_code = {nm: f"Q{k}" for k, nm in enumerate(plan.static_nodes)}
-        stored = [nm for nm in plan.nodes if nm not in plan.register_adjoints]
+        stored = [nm for nm in plan.nodes if nm not in plan.register_adjoints and nm not in plan.companions]
         self.adjoint_code = {nm: f"A{k}" for k, nm in enumerate(stored)}
-        stored_static = [nm for nm in plan.static_nodes if nm not in plan.register_adjoints]
+        stored_static = [nm for nm in plan.static_nodes if nm not in plan.register_adjoints and nm not in plan.companions]
         self.static_adjoint_code = {nm: f"QA{k}" for k, nm in enumerate(stored_static)}
 
     # ------------------------------------------------------------------ sizes

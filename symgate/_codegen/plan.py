@@ -28,7 +28,7 @@ from typing import Any
 import sympy
 
 from .._cell import Cell, Dim
-from .._derive._program import Step, program
+from .._derive._program import Step, companion_symbols, program
 from .._errors import CellSpecError
 
 __all__ = ["Group", "Op", "CellPlan", "cell_plan", "structural_decisions", "STRUCTURAL_VALUES"]
@@ -131,9 +131,11 @@ class CellPlan:
         self.states = [s.name for s in cell.states]
         self.xname = cell.inputs[0].name
         self.dims: list[Dim] = list(cell.dims())
+        self.symbols = {**cell.symbols, **companion_symbols(cell)}  # every value's per-unit symbol, by name
         self.kind_of: dict[str, str] = {lf.name: lf.kind for lf in cell.leaves}
         self.dim_of: dict[str, Dim] = {lf.name: lf.dim for lf in cell.leaves}
         self.dim_of.update({nd.name: nd.dim for nd in cell.nodes})
+        self.dim_of.update({nm: sym.dim for nm, sym in companion_symbols(cell).items()})
         self.shape_of = {p.name: p.shape for p in cell.params}
         steps = list(program(cell))
         self.steps: dict[str, Step] = {st.name: st for st in steps}
@@ -156,8 +158,9 @@ class CellPlan:
         for g in self.static_groups + self.dynamic_groups:
             for k, mem in enumerate(g.members):
                 self.group_of[mem] = (g, k)
-        self.nodes = [st.name for st in dynamic_steps if st.kind in ("fn", "arith")]
-        self.static_nodes = [st.name for st in static_steps if st.kind in ("fn", "arith")]
+        self.nodes = [st.name for st in dynamic_steps if st.kind in ("fn", "arith", "aux")]
+        self.static_nodes = [st.name for st in static_steps if st.kind in ("fn", "arith", "aux")]
+        self.companions = {st.name for st in steps if st.kind == "aux"}  # no adjoint: read by partials only
 
     @property
     def groups(self) -> list[Group]:
@@ -344,7 +347,8 @@ def structural_decisions(plan: CellPlan) -> list[tuple[str, str, bool]]:
     out += [("stacked_group", f"{'RS' if g.static else 'R'}{g.index}", len(g.members) > 1) for g in plan.groups]
     for tag, ops in (("static", plan.static_ops), ("step", plan.dynamic_ops)):
         out += [("fused_loop", f"{tag}{k}", len(op.items) > 1) for k, op in enumerate(ops) if op.kind == "loop"]
-    out += [("register_adjoint", nm, nm in plan.register_adjoints) for nm in plan.nodes + plan.static_nodes]
+    out += [("register_adjoint", nm, nm in plan.register_adjoints) for nm in plan.nodes + plan.static_nodes
+            if nm not in plan.companions]
     out += [("shared_adjoint", f"RS{g.index}", g.index in plan.shared_adjoint) for g in plan.static_groups]
     out += [("column_sum", f"{owner}:{p}", (owner, p) in plan.column_sums) for owner, p in _vector_reads(plan)]
     out += [("static_adjoint_complete_in_loop", f"RS{g.index}", plan.static_wgrad_in_loop(g)) for g in plan.static_groups]

@@ -1,7 +1,8 @@
 """The fixed part of every generated module: imports, the real type, stable primitives, small BLAS helpers.
 
-* ``sg_sigmoid``, ``sg_tanh``, ``sg_softplus``: overflow-free and branch-free (so loops
-  vectorise; ``tanh`` through libmvec's ``expm1``, 2-4x faster here than its ``tanh``);
+* ``sg_sigmoid``, ``sg_tanh``, ``sg_softplus``, ``sg_sech2``: overflow-free and branch-free (so
+  loops vectorise; ``tanh`` through libmvec's ``expm1``, 2-4x faster here than its ``tanh``;
+  ``sech2`` is the tanh derivative without the cancellation of ``1 - tanh**2``);
 * ``all_finite``: a NaN/inf test by bit pattern, which ``-ffast-math`` cannot remove;
 * ``mm``: row-major ``C = alpha op(A) op(B) + beta C`` through column-major BLAS on the
   transposes, or plain loops (``small_mm``) for products the run plan routes there;
@@ -56,6 +57,15 @@ cdef inline real sg_tanh(real u) noexcept nogil:
     cdef real two = 2
     cdef real em = expm1{f}(-two*fabs{f}(u))
     return copysign{f}(-em/(two + em), u)
+
+
+cdef inline real sg_sech2(real u) noexcept nogil:
+    # 1 - tanh(u)^2 = 4 e/(1 + e)^2 with e = exp(-2|u|) in (0, 1]: no cancellation where tanh
+    # rounds to +-1, no overflow, branch-free
+    cdef real one = 1, two = 2, four = 4
+    cdef real e = exp{f}(-two*fabs{f}(u))
+    cdef real d = one + e
+    return four*e/(d*d)
 
 
 cdef inline real sg_softplus(real u) noexcept nogil:

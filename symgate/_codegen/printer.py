@@ -2,7 +2,8 @@
 
 Symbols print as whatever the caller binds them to (a local, or an array access for the
 current row ``b`` and unit ``i``); the cell's functions print as the kernel's stable
-primitives (``sg_sigmoid``, ``sg_softplus``, ``sg_tanh``).  float32 and float64 differ
+primitives (``sg_sigmoid``, ``sg_softplus``, ``sg_tanh``, and ``sg_sech2`` for the stable
+tanh derivative).  float32 and float64 differ
 only by the printer's type-alias table and by casting every literal to ``real``, so no
 arithmetic is silently promoted to double in float32 kernels.  Expressions are simplified
 for printing by SymPy's optimisation passes (small integer powers as products) and split
@@ -83,3 +84,6 @@ class KernelPrinter(C99CodePrinter):
 
     def _print_tanh(self, e: Any) -> str:  # noqa: N802
         return f"sg_tanh({self._print(e.args[0])})"
+
+    def _print_Sech2(self, e: Any) -> str:  # noqa: N802
+        return f"sg_sech2({self._print(e.args[0])})"

@@ -64,7 +64,7 @@ of a graph whose levels each read the previous one twice).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -78,6 +78,7 @@ from .._functions import NUMPY_FUNCTIONS
 from .._linalg import matmul
 from ._local import LocalPartials, Owner, local_partials
 from ._matexpr import UnitCol, UnitDiag, latex, sstr, unit_entry, vector_symbol
+from ._stable import argument_form
 
 __all__ = [
     "Factor",
@@ -108,6 +109,13 @@ class Factor:
     cols: Dim
     expr: sympy.Expr | None = None
     matrix: str | None = None
+    #: ``expr`` in its numerically stable form (:mod:`._stable`), what numeric evaluation uses
+    value: sympy.Expr | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def numeric(self) -> sympy.Expr | None:
+        """The expression numeric evaluation uses (the stable form, else ``expr``)."""
+        return self.value if self.value is not None else self.expr
 
     def matexpr(self) -> Any:
         if self.kind == "matrix":
@@ -135,6 +143,13 @@ class Term:
     origin: str
     rows: Dim
     cols: Dim
+    #: ``coefficient`` in its numerically stable form (:mod:`._stable`)
+    coefficient_value: sympy.Expr | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def numeric_coefficient(self) -> sympy.Expr:
+        """The coefficient numeric evaluation uses (the stable form, else ``coefficient``)."""
+        return self.coefficient_value if self.coefficient_value is not None else self.coefficient
 
     @property
     def matrices(self) -> tuple[str, ...]:
@@ -223,7 +238,7 @@ _LAMBDIFIED = _Lambdified()
 def _dense_factor(f: Factor, values: Mapping[str, Any], params: Mapping[str, Any], batch: int, sizes: Mapping[Any, int]) -> Any:
     if f.kind == "matrix":
         return np.asarray(params[f.matrix])[None, :, :]
-    v = np.asarray(_LAMBDIFIED(f.expr, values))  # type: ignore[arg-type]
+    v = np.asarray(_LAMBDIFIED(f.numeric, values))  # type: ignore[arg-type]
     d = sizes[f.rows]
     v = np.broadcast_to(v, (batch, d)) if v.ndim else np.full((batch, d), v)
     if f.kind == "diag":
@@ -254,7 +269,7 @@ def _chain(factors: Sequence[Factor], values: Mapping[str, Any], params: Mapping
                 B_, rr, cc = acc.shape
                 acc = matmul(acc.reshape(B_ * rr, cc), M).reshape(B_, rr, M.shape[1])
             continue
-        v = np.asarray(_LAMBDIFIED(f.expr, values))  # type: ignore[arg-type]
+        v = np.asarray(_LAMBDIFIED(f.numeric, values))  # type: ignore[arg-type]
         d = sizes[f.rows]
         v = np.broadcast_to(v, (batch, d)) if v.ndim else np.full((batch, d), v)
         if f.kind == "diag":
@@ -375,9 +390,12 @@ class StructuredJacobian:
 
         ``values`` maps every leaf and node name to its per-unit values ``(B, d)``
         (as produced by ``ReferenceKernel.step_values``), ``params`` the parameters;
-        ``sizes`` (dimension name -> size) is inferred when omitted.
+        ``sizes`` (dimension name -> size) is inferred when omitted.  Complements of
+        saturating nodes (``1 - g``, ``1 - phi**2``) are evaluated in their stable forms
+        from the nodes' arguments (:mod:`symgate._derive._stable`).
         """
-        needed = {sym.name for t in self.terms for e in [t.coefficient, *[f.expr for f in t.factors if f.expr is not None]]
+        needed = {sym.name for t in self.terms
+                  for e in [t.numeric_coefficient, *[f.numeric for f in t.factors if f.expr is not None]]
                   for sym in e.free_symbols}
         missing = sorted(needed - set(values)) + sorted(
             {f.matrix for t in self.terms for f in t.factors if f.kind == "matrix"} - set(params))  # type: ignore[arg-type]
@@ -392,7 +410,7 @@ class StructuredJacobian:
         dtype = np.result_type(*[np.asarray(v).dtype for v in values.values()])
         out = np.zeros((batch, r, c), dtype=dtype)
         for t in self.terms:
-            coeff = np.asarray(_LAMBDIFIED(t.coefficient, values))
+            coeff = np.asarray(_LAMBDIFIED(t.numeric_coefficient, values))
             coeff = coeff.reshape(coeff.shape[0], 1, 1) if coeff.ndim == 2 else coeff
             kind, acc = _chain(t.factors, values, params, batch, sizes)
             if kind == "diag" and r == c and t.factors[0].rows == t.rows and t.factors[-1].cols == t.cols:
@@ -705,13 +723,21 @@ def _origin(p: _Path) -> str:
     return "reset" if any(p.entries[1:]) else "candidate"
 
 
-def _to_structured(of: str, wrt: str, rows: Dim, cols: Dim, paths: Iterable[_Path]) -> StructuredJacobian:
+def _with_stable_forms(cell: Cell, coeff: sympy.Expr, factors: tuple[Factor, ...]) -> tuple[sympy.Expr, tuple[Factor, ...]]:
+    """The stable numeric forms of a chain's coefficient and factors (complements of saturating nodes)."""
+    out = tuple(f if f.expr is None else Factor(f.kind, f.rows, f.cols, f.expr, f.matrix, argument_form(cell, f.expr))
+                for f in factors)
+    return argument_form(cell, coeff), out
+
+
+def _to_structured(of: str, wrt: str, rows: Dim, cols: Dim, paths: Iterable[_Path], cell: Cell) -> StructuredJacobian:
     terms = []
     for p in paths:
         coeff, factors = _simplify_chain(p.factors, rows, cols)
         if coeff == 0:
             continue
-        terms.append(Term(coeff, factors, p.nodes, _origin(p), rows, cols))
+        stable_coeff, factors = _with_stable_forms(cell, coeff, factors)
+        terms.append(Term(coeff, factors, p.nodes, _origin(p), rows, cols, stable_coeff))
     terms.sort(key=lambda t: ORIGINS.index(t.origin))
     return StructuredJacobian(of, wrt, tuple(terms), rows, cols)
 
@@ -721,7 +747,7 @@ def _state_block(cell: Cell, i: int, j: int, memo: dict) -> StructuredJacobian:
     out_state, in_state = cell.states[i], cell.states[j]
     what = f"the state Jacobian d{out_state.name}'/d{in_state.name}"
     paths = _walk(lp, Owner(None, i), frozenset([in_state.symbol]), memo, what)
-    return _to_structured(out_state.name + "'", in_state.name, out_state.dim, in_state.dim, paths)
+    return _to_structured(out_state.name + "'", in_state.name, out_state.dim, in_state.dim, paths, cell)
 
 
 def jacobian(cell: Cell, of: str | None = None, wrt: str | None = None) -> Any:
@@ -790,14 +816,14 @@ def parameter_jacobian(cell: Cell, param: str, of: str | None = None) -> ParamJa
                 # paths to the Linear node's output (treated as a leaf)
                 paths = _walk(lp, Owner(None, i), frozenset([nd.symbol]), memo,
                               f"the parameter Jacobian d+{of}'/d{param} (through {nd.name})")
-                C = _to_structured(of + "'", nd.name, st.dim, nd.dim, paths)
+                C = _to_structured(of + "'", nd.name, st.dim, nd.dim, paths, cell)
                 if C.terms:
                     pieces.append((C, nd.source))
     else:
         lf = cell.leaf(param)
         paths = _walk(lp, Owner(None, i), frozenset([lf.symbol]), memo,  # type: ignore[union-attr]
                       f"the parameter Jacobian d+{of}'/d{param}")
-        C = _to_structured(of + "'", param, st.dim, lf.dim, paths)  # type: ignore[union-attr]
+        C = _to_structured(of + "'", param, st.dim, lf.dim, paths, cell)  # type: ignore[union-attr]
         if C.terms:
             pieces.append((C, None))
     pj = ParamJacobian(of + "'", param, p.kind, tuple(pieces), st.dim, p.shape)

@@ -9,12 +9,17 @@ this one program, derived once per cell:
   input alone): it can be computed for all time steps at once, before the time loop,
   and its backward pass after the reverse loop;
 * each elementwise step carries its local partials (from :mod:`._local`), keyed by the
-  name of what it reads; a Linear step ``z = M v`` carries its matrix and source.
+  name of what it reads; a Linear step ``z = M v`` carries its matrix and source;
+* the partials are in their numerically stable forms (:mod:`._stable`): a complement such
+  as ``1 - g`` of a gate or ``1 - phi**2`` of a tanh is a *companion* value, an ``"aux"``
+  step computed right after its node from the node's argument (``sigmoid(-u)``,
+  ``sech2(u)``) and read by the partials; it has no partials itself (no adjoint flows
+  through it: the forward values are unchanged).
 
 >>> import symgate as sg
 >>> from symgate._derive._program import program
 >>> [(s.name, s.kind, s.static) for s in program(sg.cells.leaky(bias=False))]
-[('z_W', 'linear', False), ('z_U', 'linear', True), ('phi', 'fn', False), ("h'", 'out', False)]
+[('z_W', 'linear', False), ('z_U', 'linear', True), ('phi', 'fn', False), ('1-phi^2', 'aux', False), ("h'", 'out', False)]
 """
 
 from __future__ import annotations
@@ -25,16 +30,18 @@ import sympy
 
 from .._cell import Cell, Dim, UnitSymbol
 from ._local import Owner, local_partials
+from ._stable import companion_form, companions
 
-__all__ = ["Step", "program", "state_dependent"]
+__all__ = ["Step", "program", "state_dependent", "companion_symbols"]
 
 
 @dataclass(frozen=True)
 class Step:
     """One node or updated state of a cell, in evaluation order.
 
-    ``kind`` is ``"fn"``, ``"arith"``, ``"linear"`` or ``"out"`` (an updated state, named
-    ``state + "'"``, with ``state`` the state's name).  ``expr`` is the defining per-unit
+    ``kind`` is ``"fn"``, ``"arith"``, ``"linear"``, ``"out"`` (an updated state, named
+    ``state + "'"``, with ``state`` the state's name) or ``"aux"`` (a companion value,
+    see the module docstring).  ``expr`` is the defining per-unit
     expression (None for a Linear step); ``partials`` are ``(source name, source dim,
     partial expression)`` for every symbol the expression reads (empty for a Linear step,
     whose chain rule is the matrix ``matrix`` applied to ``source``).
@@ -69,7 +76,8 @@ def state_dependent(cell: Cell) -> set[UnitSymbol]:
 
 
 def _partials(cell: Cell, owner: Owner) -> tuple[tuple[str, Dim, sympy.Expr], ...]:
-    return tuple((sym.name, sym.dim, p) for sym, p in local_partials(cell).partials[owner].items())
+    """The owner's local partials, complements replaced by their companion values."""
+    return tuple((sym.name, sym.dim, companion_form(cell, p)) for sym, p in local_partials(cell).partials[owner].items())
 
 
 def program(cell: Cell) -> tuple[Step, ...]:
@@ -88,5 +96,21 @@ def program(cell: Cell) -> tuple[Step, ...]:
             steps.append(Step(nd.name, nd.kind, nd.dim, static, nd.expr, _partials(cell, Owner(nd.symbol))))
     for i, s in enumerate(cell.states):
         steps.append(Step(s.name + "'", "out", s.dim, False, cell.outputs[i], _partials(cell, Owner(None, i)), state=s.name))
-    cache[key] = tuple(steps)
+    cache[key] = tuple(_with_companions(cell, steps))
     return cache[key]
+
+
+def _with_companions(cell: Cell, steps: list[Step]) -> list[Step]:
+    """``steps`` with a companion step after each node whose complement the partials read."""
+    used = companions(cell, [e for st in steps for _src, _d, e in st.partials])
+    after: dict[str, list[Step]] = {}
+    for c in used:
+        node_step = next(st for st in steps if st.name == c.node.name)
+        after.setdefault(c.node.name, []).append(Step(c.name, "aux", c.node.dim, node_step.static, c.value))
+    return [x for st in steps for x in [st, *after.get(st.name, [])]]
+
+
+def companion_symbols(cell: Cell) -> dict[str, UnitSymbol]:
+    """The symbols of the cell's companion values, by name."""
+    prog = program(cell)
+    return {c.name: c.symbol for c in companions(cell, [e for st in prog for _s, _d, e in st.partials])}

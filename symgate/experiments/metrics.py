@@ -308,7 +308,7 @@ def _apply_term(term: Term, vals: Mapping[str, Any], params: Mapping[str, np.nda
                 c_, _, n = Y.shape
                 Y = (M @ np.ascontiguousarray(Y).reshape(c_, K * n)).reshape(M.shape[0], K, n)
             else:  # diag (d, d) or column (d, 1): both scale row i of pair k by v[k, i]
-                v = np.asarray(_LAMBDIFIED(f.expr, vals))  # type: ignore[arg-type]
+                v = np.asarray(_LAMBDIFIED(f.numeric, vals))  # type: ignore[arg-type]
                 d = sizes[f.rows]
                 v = np.broadcast_to(v, (K, d)) if v.ndim else np.full((K, d), float(v))
                 Y = v.T[:, :, None] * Y
@@ -316,7 +316,7 @@ def _apply_term(term: Term, vals: Mapping[str, Any], params: Mapping[str, np.nda
             Y = np.broadcast_to(Y, (r, *Y.shape[1:]))
     if term.coefficient == 1:
         return Y
-    coeff = np.asarray(_LAMBDIFIED(term.coefficient, vals))
+    coeff = np.asarray(_LAMBDIFIED(term.numeric_coefficient, vals))
     if coeff.ndim:
         coeff = np.broadcast_to(coeff.reshape(coeff.shape[0], -1)[:, 0], (K,))[None, :, None]
     return coeff * Y
