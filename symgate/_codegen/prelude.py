@@ -18,19 +18,10 @@ __all__ = ["prelude", "SMALL_GEMM"]
 #: tiny matrix products (fewer multiply-adds than this, or fewer than four rows) use plain loops, not BLAS
 SMALL_GEMM = 24576
 
-
-def prelude(dtype: np.dtype) -> str:
-    """The module text before the context struct, for ``dtype`` (float32 or float64)."""
-    single = dtype == np.float32
-    rt = "float" if single else "double"
-    f = "f" if single else ""
-    gemm = "sgemm" if single else "dgemm"
-    bits = "uint32_t" if single else "uint64_t"
-    expmask = "0x7f800000U" if single else "0x7ff0000000000000ULL"
-    return f"""
+_IMPORTS = """
 from libc.math cimport tanh{f}, exp{f}, expm1{f}, copysign{f}, log{f}, log1p{f}, pow{f}, sqrt{f}, fabs{f}
 from libc.string cimport memcpy, memset
-from libc.stdint cimport {bits}{', uint64_t' if bits != 'uint64_t' else ''}
+from libc.stdint cimport {bits}{extra_uint}
 from scipy.linalg.cython_blas cimport {gemm}
 
 ctypedef {rt} real
@@ -40,8 +31,9 @@ CONTENT_HASH = "(pending)"
 cdef extern from *:
     ctypedef {rt}* rp "{rt} * __restrict__"
 
+"""
 
-cdef inline real sg_sigmoid(real u) noexcept nogil:
+_PRIMITIVES = """cdef inline real sg_sigmoid(real u) noexcept nogil:
     # exp of a non-positive number only (no overflow); branch-free, so loops vectorise
     # (literals typed as real: Cython writes a bare 1 as the double 1.0, promoting float32 to double)
     cdef real one = 1, zero = 0
@@ -75,8 +67,9 @@ cdef inline real sg_softplus(real u) noexcept nogil:
 
 ctypedef {bits} bits_t
 
+"""
 
-cdef inline bits_t nonfinite(real v) noexcept nogil:
+_CHECKS = """cdef inline bits_t nonfinite(real v) noexcept nogil:
     # 1 if v is NaN or infinite, by bit pattern (fused into the loops that write values)
     cdef bits_t u
     memcpy(&u, &v, sizeof(real))
@@ -98,8 +91,9 @@ cdef bint finite_double(double v) noexcept nogil:
     memcpy(&u, &v, sizeof(double))
     return (u & 0x7ff0000000000000ULL) != 0x7ff0000000000000ULL
 
+"""
 
-cdef void small_mm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, rp A, Py_ssize_t lda,
+_SMALL_MM = """cdef void small_mm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, rp A, Py_ssize_t lda,
                    rp Bm, Py_ssize_t ldb, real beta, rp C, Py_ssize_t ldc) noexcept nogil:
     # row-major C = alpha A B + beta C (beta 0 or 1) for small products: blocks of two rows of C
     # are updated by four rows of B at a time, so each loaded row of B serves two rows of C and
@@ -160,8 +154,9 @@ cdef void small_mm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, rp A, P
                 c0[j] += a0*b0[j]
             k += 1
 
+"""
 
-cdef void mm(bint small, bint ta, bint tb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, real* A, Py_ssize_t lda,
+_PRODUCTS = """cdef void mm(bint small, bint ta, bint tb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, real alpha, real* A, Py_ssize_t lda,
              real* Bm, Py_ssize_t ldb, real beta, real* C, Py_ssize_t ldc) noexcept nogil:
     # row-major C (M x N) = alpha op(A) op(B) + beta C, through column-major BLAS on the transposes, or
     # plain loops where the run plan says so (small: never with transposed operands)
@@ -198,3 +193,18 @@ cdef void axpy(Py_ssize_t n, real s, const real* x, real* y) noexcept nogil:
 
 
 """
+
+
+def prelude(dtype: np.dtype) -> str:
+    """The module text before the context struct, for ``dtype`` (float32 or float64)."""
+    single = dtype == np.float32
+    fields = {
+        "rt": "float" if single else "double",
+        "f": "f" if single else "",
+        "gemm": "sgemm" if single else "dgemm",
+        "bits": "uint32_t" if single else "uint64_t",
+        "extra_uint": ", uint64_t" if single else "",
+        "expmask": "0x7f800000U" if single else "0x7ff0000000000000ULL",
+    }
+    parts = (_IMPORTS, _PRIMITIVES, _CHECKS, _SMALL_MM, _PRODUCTS)
+    return "\n".join(part.format(**fields) for part in parts)
