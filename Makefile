@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.symgate-installed
 
-.PHONY: demo test test-fast test-slow bench install clean
+.PHONY: demo test test-fast test-slow bench mutation install clean
 
 # the built-in cells' kernels are generated and compiled at install: reinstall when the generator changes
 $(STAMP): pyproject.toml setup.py $(wildcard symgate/_codegen/*.py symgate/_derive/*.py) symgate/_build.py symgate/cells.py symgate/_aot.py
@@ -42,6 +42,13 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_derive.py
+
+# mutation testing of the core modules against their test files (under an hour on 2 cores; not part of
+# `make test`).  Options: make mutation MUTATION_ARGS="--modules _functions --sample 5 --seed 1 --jobs 2"
+# (--list shows the mutants without running; --scope full adds the rest of the fast suite)
+MUTATION_ARGS ?=
+mutation: $(STAMP)
+	$(PY) tools/mutation.py $(MUTATION_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
