@@ -982,6 +982,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     size = args.sample or None
+    commit = _git_commit(args.rev)
     workspace = Workspace(REPO, args.rev, single_threaded_blas=args.jobs > 1 and not args.keep_blas_threads)
     try:
         files, population = collect(workspace.snapshot, args.modules)
@@ -1012,7 +1013,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "settings": {"modules": args.modules, "sample": size, "seed": args.seed, "jobs": args.jobs,
                      "scope": args.scope, "scope_description": scope_text, "timeouts_s": timeouts, "rev": args.rev,
-                     "pytest_args": list(PYTEST_ARGS), "head": _git_head(),
+                     "pytest_args": list(PYTEST_ARGS), "commit": commit,
+                     "working_tree": args.rev is None, "deselected_on_mutants": list(MUTANT_DESELECT),
                      "files": files},
         "sanity": sanity,
         "modules": rows,
@@ -1026,9 +1028,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _git_head() -> str:
-    """The commit the source tree is at (the working tree may differ from it)."""
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+def _git_commit(rev: str | None) -> str:
+    """The commit mutated: ``rev``, or the one the working tree is at (which may differ from it)."""
+    result = subprocess.run(["git", "rev-parse", rev or "HEAD"], cwd=REPO, capture_output=True, text=True)
     return result.stdout.strip()
 
 
