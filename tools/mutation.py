@@ -29,6 +29,13 @@ module, and runs the fast suite (``pytest -x -m "not slow"``) on each mutant:
   change the generated source, so their kernels are compiled afresh (a few seconds
   each) in the mutant's private cache.
 
+* **equivalent mutants**: those shown to change no behaviour are listed, each with its
+  reason, in ``tools/equivalent-mutants/<group>.txt``; they are drawn like any other, not
+  run, and left out of the kill rate (killed / (sampled - equivalent)).
+* **targeted runs**: ``--tests FILE...`` runs only the given test files on every mutant and
+  ``--only TEXT...`` keeps only the mutants whose id contains a text, to see quickly which
+  mutants a new test kills.
+
 Output: a table per module (population, mutants run, killed, timed out, survived,
 kill rate), the survivors with location and diff, the total time, and a JSON report
 (``build/mutation/report.json`` by default).  ``--list`` shows the population and the
@@ -73,20 +80,20 @@ MODULES: dict[str, tuple[str, ...]] = {
 
 #: module group -> test files (globs under the tree) that exercise it most directly, most specific first
 RELEVANT_TESTS: dict[str, tuple[str, ...]] = {
-    "_derive": ("tests/test_derive.py", "tests/test_jacobian_paper.py", "tests/test_origins*.py",
+    "_derive": ("tests/test_derive_units.py", "tests/test_derive.py", "tests/test_jacobian_paper.py", "tests/test_origins*.py",
                 "tests/test_expansion*.py", "tests/test_bounded*.py", "tests/test_theory.py", "tests/test_cell.py",
                 "tests/test_saturation*.py", "tests/test_reference.py", "tests/test_analogies.py",
                 "tests/test_argument_validation.py", "tests/test_battery*.py"),
-    "_functions": ("tests/test_cell.py", "tests/test_derive.py", "tests/test_jacobian_paper.py",
+    "_functions": ("tests/test_functions.py", "tests/test_cell.py", "tests/test_derive.py", "tests/test_jacobian_paper.py",
                    "tests/test_saturation*.py", "tests/test_battery*.py", "tests/test_reference.py"),
-    "_codegen": ("tests/test_codegen*.py", "tests/test_compiled.py", "tests/test_differential*.py",
+    "_codegen": ("tests/test_codegen_units.py", "tests/test_codegen*.py", "tests/test_compiled.py", "tests/test_differential*.py",
                  "tests/test_numerical_contract*.py", "tests/test_saturation*.py", "tests/test_build.py"),
-    "_reference": ("tests/test_reference.py", "tests/test_numerical_contract*.py", "tests/test_battery*.py",
+    "_reference": ("tests/test_reference_units.py", "tests/test_reference.py", "tests/test_numerical_contract*.py", "tests/test_battery*.py",
                    "tests/test_saturation*.py", "tests/test_theory.py", "tests/test_compiled.py",
                    "tests/test_differential*.py"),
-    "_transport": ("tests/test_theory.py", "tests/test_saturation*.py", "tests/test_analogies.py",
+    "_transport": ("tests/test_transport.py", "tests/test_theory.py", "tests/test_saturation*.py", "tests/test_analogies.py",
                    "tests/test_experiments.py"),
-    "_battery": ("tests/test_battery*.py", "tests/test_verify*.py", "tests/test_compiled.py", "tests/test_cli.py"),
+    "_battery": ("tests/test_battery_units.py", "tests/test_battery*.py", "tests/test_verify*.py", "tests/test_compiled.py", "tests/test_cli.py"),
 }
 
 #: the fast suite
@@ -109,6 +116,9 @@ TIMEOUT_SLACK = 120.0
 MESSAGE_CALLS = ("print", "warnings.warn", "logging.*", "logger.*", "log.*", "_log.*", "_logger.*")
 
 PRAGMA = re.compile(r"#\s*pragma:\s*no\s+mutate")
+
+#: folder of the equivalent-mutant lists: one file per module group (``<group>.txt``)
+EQUIVALENT_DIR = REPO / "tools" / "equivalent-mutants"
 
 BINARY_SWAPS: dict[type, type] = {
     ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
@@ -548,6 +558,52 @@ def seeded_sample(mutants: list[Mutant], size: int | None, seed: int, module: st
     return [mutants[i] for i in sorted(chosen)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Equivalent:
+    """A mutant shown to change no behaviour, with the reason: it is drawn like any other but not run,
+    and the kill rate is of the others (killed / (sampled - equivalent))."""
+
+    path: str
+    before: str
+    after: str
+    why: str
+
+    def matches(self, mutant: Mutant) -> bool:
+        return (mutant.path, mutant.original_code, mutant.mutated_code) == (self.path, self.before, self.after)
+
+
+def load_equivalents(folder: Path, modules: Iterable[str]) -> dict[str, list[Equivalent]]:
+    """The equivalent mutants of each group, from ``<folder>/<group>.txt``: blocks of four lines
+    ``path:``, ``before:``, ``after:`` (the whitespace-collapsed lines of the report) and ``why:``,
+    separated by blank lines; ``#`` starts a comment line."""
+    found: dict[str, list[Equivalent]] = {}
+    for module in modules:
+        path = folder / f"{module}.txt"
+        blocks = path.read_text().split("\n\n") if path.exists() else []
+        entries = []
+        for block in blocks:
+            fields = {}
+            for line in block.splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    key, _, value = line.partition(":")
+                    fields[key.strip()] = value.strip()
+            if not fields:
+                continue
+            if set(fields) != {"path", "before", "after", "why"} or not fields["why"]:
+                raise SystemExit(f"{path}: each entry needs path, before, after and why: {block!r}")
+            entries.append(Equivalent(fields["path"], fields["before"], fields["after"], fields["why"]))
+        found[module] = entries
+    return found
+
+
+def equivalent_reason(mutant: Mutant, equivalents: dict[str, list[Equivalent]]) -> str | None:
+    """Why ``mutant`` is listed as equivalent, or None."""
+    for entry in equivalents.get(mutant.module, ()):
+        if entry.matches(mutant):
+            return entry.why
+    return None
+
+
 # --------------------------------------------------------------------------- isolated trees
 
 
@@ -630,13 +686,16 @@ def import_paths(tree: Path, env: dict[str, str], module_paths: Sequence[str]) -
 class Outcome:
     """What the fast suite did with one mutant."""
 
-    status: str  # killed | timeout | survived | error
+    status: str  # killed | timeout | survived | error | equivalent (listed, not run)
     seconds: float
     detail: str = ""
 
 
-def tests_for(tree: Path, module: str, scope: str) -> list[str]:
-    """Test files for a mutant of ``module``: the relevant ones first, then (scope "full") the rest."""
+def tests_for(tree: Path, module: str, scope: str, given: Sequence[str] = ()) -> list[str]:
+    """Test files for a mutant of ``module``: the relevant ones first, then (scope "full") the rest;
+    ``given`` (``--tests``) replaces them all."""
+    if given:
+        return list(given)
     relevant: list[str] = []
     for pattern in RELEVANT_TESTS[module]:
         for path in sorted(tree.glob(pattern)):
@@ -716,8 +775,9 @@ def kill_running() -> None:
 class Workspace:
     """A temporary directory holding the pristine snapshot and one scratch copy per run."""
 
-    def __init__(self, repo: Path, rev: str | None, single_threaded_blas: bool) -> None:
+    def __init__(self, repo: Path, rev: str | None, single_threaded_blas: bool, tests: Sequence[str] = ()) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="symgate-mutation-"))
+        self.tests = tuple(tests)
         self.snapshot = self.root / "snapshot"
         self.single_threaded_blas = single_threaded_blas
         make_snapshot(repo, self.snapshot, rev)
@@ -753,7 +813,7 @@ class Workspace:
             if change is not None:
                 change(tree)
             deselect = MUTANT_DESELECT if change is not None else ()
-            return run_pytest(tree, env, tests_for(tree, module, scope), timeout, deselect)
+            return run_pytest(tree, env, tests_for(tree, module, scope, self.tests), timeout, deselect)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -881,7 +941,7 @@ def summary_rows(files: dict[str, list[str]], population: dict[str, list[Mutant]
     """One row per file and one per module group: population, run, killed, timeout, survived, error, kill rate."""
     def row(module: str, path: str, pop: list[Mutant], run: list[Mutant]) -> dict[str, object]:
         counts = {s: sum(outcomes[m.ident].status == s for m in run if m.ident in outcomes)
-                  for s in ("killed", "timeout", "survived", "error")}
+                  for s in ("killed", "timeout", "survived", "error", "equivalent")}
         judged = counts["killed"] + counts["timeout"] + counts["survived"]
         rate = (counts["killed"] + counts["timeout"]) / judged if judged else None
         return {"module": module, "file": path, "population": len(pop), "run": len(run), **counts, "kill_rate": rate}
@@ -900,18 +960,18 @@ def summary_rows(files: dict[str, list[str]], population: dict[str, list[Mutant]
 def print_table(rows: list[dict[str, object]]) -> None:
     """The per-module table."""
     header = f"{'module':<11} {'file':<34} {'population':>10} {'run':>4} {'killed':>6} {'timeout':>7} " \
-             f"{'survived':>8} {'error':>5} {'kill rate':>9}"
+             f"{'survived':>8} {'error':>5} {'equiv.':>6} {'kill rate':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
         rate = "-" if r["kill_rate"] is None else f"{100 * r['kill_rate']:.0f} %"
         print(f"{r['module']:<11} {r['file']:<34} {r['population']:>10} {r['run']:>4} {r['killed']:>6} "
-              f"{r['timeout']:>7} {r['survived']:>8} {r['error']:>5} {rate:>9}")
+              f"{r['timeout']:>7} {r['survived']:>8} {r['error']:>5} {r['equivalent']:>6} {rate:>9}")
 
 
 def print_survivors(mutants: Sequence[Mutant], outcomes: dict[str, Outcome]) -> None:
     """Location and diff of every surviving mutant (and of errors, which need a look)."""
-    for status in ("survived", "error"):
+    for status in ("survived", "error", "equivalent"):
         chosen = [m for m in mutants if m.ident in outcomes and outcomes[m.ident].status == status]
         if not chosen:
             continue
@@ -956,6 +1016,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rev", default=None, help="mutate this commit instead of the working tree")
     parser.add_argument("--out", type=Path, default=REPO / "build" / "mutation" / "report.json",
                         help="JSON report (default build/mutation/report.json)")
+    parser.add_argument("--tests", nargs="+", default=[], metavar="FILE",
+                        help="run only these test files (or node ids) on every mutant, e.g. to see\n"
+                             "which mutants a new test file kills (the kill rate then is of that file alone)")
+    parser.add_argument("--only", nargs="+", default=[], metavar="TEXT",
+                        help="keep only the sampled mutants whose id contains one of these texts\n"
+                             "(e.g. symgate/_functions.py:120; with --sample 0 to pick from every mutant)")
     parser.add_argument("--list", action="store_true", help="show the population and the sample; run nothing")
     parser.add_argument("--verbose", action="store_true", help="with --list: every mutant, not only the sample")
     parser.add_argument("--keep-blas-threads", action="store_true",
@@ -966,8 +1032,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def describe_scope(tree: Path, modules: Sequence[str], scope: str) -> str:
+def describe_scope(tree: Path, modules: Sequence[str], scope: str, given: Sequence[str] = ()) -> str:
     """What each group's mutants are tested against (printed before the run and kept in the report)."""
+    if given:
+        return f"each mutant: only the given test files (-x): {' '.join(given)}"
     if scope == "full":
         return "each mutant: its module's relevant test files first, then the rest of the fast suite (-x)"
     lines = ["each mutant: only its module's relevant test files (-x); the rest of the fast suite is not run"
@@ -983,16 +1051,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     size = args.sample or None
     commit = _git_commit(args.rev)
-    workspace = Workspace(REPO, args.rev, single_threaded_blas=args.jobs > 1 and not args.keep_blas_threads)
+    workspace = Workspace(REPO, args.rev, single_threaded_blas=args.jobs > 1 and not args.keep_blas_threads,
+                          tests=args.tests)
     try:
         files, population = collect(workspace.snapshot, args.modules)
         sample = {m: seeded_sample(population[m], size, args.seed, m) for m in args.modules}
+        if args.only:
+            sample = {m: [mut for mut in ms if any(text in mut.ident for text in args.only)] for m, ms in sample.items()}
         check_compiles(workspace.snapshot, [m for ms in sample.values() for m in ms])
         if args.list:
             list_population(files, population, sample, args.verbose)
             return 0
         total = sum(len(s) for s in sample.values())
-        scope_text = describe_scope(workspace.snapshot, args.modules, args.scope)
+        scope_text = describe_scope(workspace.snapshot, args.modules, args.scope, args.tests)
         print(f"mutation testing: {total} of {sum(len(p) for p in population.values())} mutants "
               f"(seed {args.seed}, {size or 'all'} per module), {args.jobs} jobs, scope {args.scope}")
         print(scope_text)
@@ -1001,7 +1072,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeouts = {m: args.timeout or TIMEOUT_FACTOR * t + TIMEOUT_SLACK for m, t in unmutated_seconds.items()}
         print("timeout per mutant: " + ", ".join(f"{m} {t:.0f} s" for m, t in timeouts.items()))
         order = interleave(sample)
-        outcomes = run_mutants(workspace, order, args.scope, args.jobs, timeouts)
+        equivalents = load_equivalents(EQUIVALENT_DIR, args.modules)
+        reasons = {m.ident: equivalent_reason(m, equivalents) for m in order}
+        outcomes = {ident: Outcome("equivalent", 0.0, why) for ident, why in reasons.items() if why}
+        print(f"equivalent (listed in {EQUIVALENT_DIR.relative_to(REPO)}, not run): {len(outcomes)}")
+        outcomes.update(run_mutants(workspace, [m for m in order if m.ident not in outcomes], args.scope,
+                                    args.jobs, timeouts))
     finally:
         workspace.remove()
     rows = summary_rows(files, population, sample, outcomes)
@@ -1012,7 +1088,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nscope: {args.scope}; total time: {elapsed:.0f} s ({elapsed / 60:.1f} min) on {args.jobs} jobs")
     report = {
         "settings": {"modules": args.modules, "sample": size, "seed": args.seed, "jobs": args.jobs,
-                     "scope": args.scope, "scope_description": scope_text, "timeouts_s": timeouts, "rev": args.rev,
+                     "scope": args.scope, "scope_description": scope_text, "tests": args.tests,
+                     "only": args.only, "timeouts_s": timeouts, "rev": args.rev,
                      "pytest_args": list(PYTEST_ARGS), "commit": commit,
                      "working_tree": args.rev is None, "deselected_on_mutants": list(MUTANT_DESELECT),
                      "files": files},
