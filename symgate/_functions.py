@@ -176,7 +176,7 @@ def _mp_sigmoid(u: Any) -> Any:
 def _mp_softplus(u: Any) -> Any:
     import mpmath
 
-    return mpmath.log(1 + mpmath.exp(u))
+    return mpmath.log1p(mpmath.exp(u))  # log(1 + e^u) would round 1 + e^u to 1 for u < -(digits)*ln(10)
 
 
 def _mp_sech2(u: Any) -> Any:
