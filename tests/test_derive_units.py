@@ -102,11 +102,29 @@ def scalar_read_np(p: dict, x: np.ndarray, h: np.ndarray) -> np.ndarray:
     return np.tanh(h @ p["W"].T + x @ p["U"].T) + _np_sigmoid(h @ p["wg"].T)
 
 
+@sg.cell
+def named_scalar(h: State("n"), x: Input("m"), V: MatrixSpec("n", "n"), U: MatrixSpec("n", "m"),
+                 wg: MatrixSpec(1, "n"), k: Scalar()):
+    # scalars read through a named node: d tmp/d q = d tmp/d k = 1 broadcast to the units, after
+    # diag(a) (diag(a) [1] wg in the state Jacobian, diag(a) [1] for the scalar parameter k)
+    a = sigmoid(V @ h)
+    q = sigmoid(wg @ h)
+    tmp = (tanh(U @ x) + q + k).named("tmp")
+    return a * tmp
+
+
+def named_scalar_np(p: dict, x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    a = _np_sigmoid(h @ p["V"].T)
+    q = _np_sigmoid(h @ p["wg"].T)
+    return a * (np.tanh(x @ p["U"].T) + q + p["k"])
+
+
 CELLS: dict[str, tuple[sg.Cell, Callable]] = {
     "colmix": (colmix, colmix_np),
     "matfirst": (matfirst, matfirst_np),
     "densecol": (densecol, densecol_np),
     "scalar_read": (scalar_read, scalar_read_np),
+    "named_scalar": (named_scalar, named_scalar_np),
 }
 N, M, B = 3, 2, 2
 
@@ -190,6 +208,11 @@ def _explicit_sympy_update(name: str, n: int, m: int) -> tuple[Matrix, Matrix]:
     elif name == "densecol":
         q = sig((mat("wg", 1, n) * h)[0, 0])
         out = (mat("W", n, n) * (h * q) + mat("U", n, m) * x).applyfunc(sympy.tanh)
+    elif name == "named_scalar":
+        a = (mat("V", n, n) * h).applyfunc(sig)
+        q = sig((mat("wg", 1, n) * h)[0, 0])
+        tmp = (mat("U", n, m) * x).applyfunc(sympy.tanh) + sympy.ones(n, 1) * (q + named_scalar.symbols["k"])
+        out = a.multiply_elementwise(tmp)
     else:
         q = sig((mat("wg", 1, n) * h)[0, 0])
         out = (mat("W", n, n) * h + mat("U", n, m) * x).applyfunc(sympy.tanh) + sympy.ones(n, 1) * q
@@ -287,6 +310,21 @@ def test_infer_sizes_reads_dimensions_off_values_and_parameters() -> None:
     p, x, h = _problem(sv, 2)
     v = sg.ReferenceKernel(sv).step_values(p, x, h)
     assert sg.jacobian(sv).infer_sizes(v, p) == {1: 1, "n": N}
+
+
+def test_scalar_read_through_a_named_node_keeps_its_broadcast() -> None:
+    """d h'/d k = diag(a) 1_n = the column a (n x 1) when k reaches the update through a named node:
+    the chain keeps the column of ones, so its matrix expression has the shape n x 1, and the
+    write gain of k is a (its sensitivity d tmp/d k is 1)."""
+    n = dim_symbol("n")
+    pj = sg.parameter_jacobian(named_scalar, "k")
+    (C, _), = pj.pieces
+    assert C.expr.shape == (n, 1) and str(pj) == "d+h'/dk = diag(a)*[1]"
+    explicit = C.as_explicit({"n": 2})
+    a = MatrixSymbol("a", 2, 1)
+    assert explicit == Matrix([a[0, 0], a[1, 0]])
+    e = sg.effective_lr(named_scalar, "k")
+    assert e.write_gain_unit == named_scalar.symbols["a"] and e.sensitivity_unit == 1
 
 
 def test_infer_sizes_without_any_size_source_names_the_dimension() -> None:

@@ -208,8 +208,12 @@ def _simplify_chain(chain: Sequence[Factor], rows: Dim, cols: Dim) -> tuple[symp
     out: list[Factor] = []
     for f in chain:
         if f.kind != "matrix" and _is_scalar_expr(f.expr):  # type: ignore[arg-type]
-            # a scalar factor (a broadcast with a scalar value keeps no shape change either)
+            # a scalar factor: its value goes to the coefficient.  A broadcast [e] still maps the
+            # units to one scalar (n x 1): first in the chain, the term's shape says so (a column of
+            # ones in front); after other factors it stays, as the column of ones [1]
             scalars.append(f.expr)  # type: ignore[arg-type]
+            if f.kind == "col" and out:
+                out.append(Factor("col", f.rows, f.cols, expr=sympy.S.One))
             continue
         out.append(f)
     return sympy.factor_terms(mul_chain(sympy.S.One, scalars)), tuple(out)
