@@ -306,8 +306,10 @@ def effective_lrs(
     n = traj.states[elr.state].shape[-1]
     shape = (T, B, n)
     w, lam = (np.ascontiguousarray(_per_unit(argument_form(cell, e), vals, shape)) for e in (elr.write_gain_unit, elr.leak_unit))
-    # the logs of the factors in the log domain: log(1 - g) = -softplus(u) is finite where 1 - g underflows
-    log_w, log_lam = (np.ascontiguousarray(_per_unit(log_abs(cell, e), vals, shape)) for e in (elr.write_gain_unit, elr.leak_unit))
+    # the logs of the factors in the log domain: log(1 - g) = -softplus(u) is finite where 1 - g underflows;
+    # a factor that is exactly 0 (a rate read linearly from the data) has log -inf, a value, not an error
+    with np.errstate(divide="ignore"):
+        log_w, log_lam = (np.ascontiguousarray(_per_unit(log_abs(cell, e), vals, shape)) for e in (elr.write_gain_unit, elr.leak_unit))
     mu_lm = np.empty((max_lag + 1, T, B, n)) if compute_mu else None
     if convention == "s1":
         log_mu, sign = _log_window_products(w, max_lag, inclusive=True, exp_out=mu_lm, log_v=log_w)
