@@ -35,7 +35,7 @@ import numpy as np
 from ._cell import Cell
 from ._derive import jacobian, parameter_jacobian
 from ._derive._expansion import effective_lr, retention_state
-from ._errors import CellSpecError, ShapeError
+from ._errors import CellSpecError, ConfigError, ShapeError
 from ._reference import reference_kernel
 from ._transport import (
     JacobianProducts,
@@ -189,7 +189,7 @@ class MomentumStatement:
 def momentum(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray, h0: Any = None, *,
              loss: Loss, param: str | None = None, require_exact: bool = True) -> MomentumStatement:
     """Both sides of the momentum statement (b).  It is an identity when the state Jacobian is
-    diagonal; with ``require_exact`` (default) a non-zero coupling raises ``ValueError``."""
+    diagonal; with ``require_exact`` (default) a non-zero coupling raises ``ConfigError`` (a ``ValueError``)."""
     elr = effective_lr(cell, param)
     param = elr.param
     if len(cell.states) != 1:
@@ -204,7 +204,7 @@ def momentum(cell: Cell, params: Mapping[str, np.ndarray], x: np.ndarray, h0: An
     rest = jacobian(cell).select("candidate", "gate", "reset")
     coupling = float(np.max(np.abs(rest.evaluate(flat, params, _all_sizes(cell, traj))))) if rest.terms else 0.0
     if require_exact and coupling != 0.0:
-        raise ValueError(
+        raise ConfigError(
             f"the state Jacobian of {cell.name!r} is not diagonal for these parameters (coupling up to {coupling:.3g}); "
             "the momentum statement is exact only without coupling (e.g. symgate.decoupled(cell, params))"
         )

@@ -246,7 +246,7 @@ def test_momentum_gate_beta_varies_with_the_data() -> None:
 def test_momentum_raises_with_coupling(tier: str, family: str, data) -> None:
     prob = data.draw(problem_st(family, tier, cells=cell_strategy(family).filter(_one_state_with_param)))
     cell = prob.cell
-    with pytest.raises(ValueError, match="not diagonal"):
+    with pytest.raises(sg.ConfigError, match="not diagonal"):
         sg.analogies.momentum(cell, prob.params, prob.x, prob.h0, loss=prob.loss("step"))
     # without the requirement it reports the coupling and both sides (which then differ)
     mst = sg.analogies.momentum(cell, prob.params, prob.x, prob.h0, loss=prob.loss("step"), require_exact=False)

@@ -12,7 +12,7 @@ import sympy
 from hypothesis import given
 
 import symgate as sg
-from symgate.testing import CHECKS, random_cell_pool, registered_cells
+from symgate.testing import CHECKS, all_recipes, random_cell_pool, registered_cells
 from symgate.testing._battery import check_adjoint, check_bptt_complex_step, check_jacobian, check_mpmath
 
 REGISTERED = registered_cells()
@@ -194,3 +194,10 @@ def test_sizes_strategy_keeps_max_batch(sz: dict) -> None:
 def test_sizes_strategy_rejects_bad_bounds() -> None:
     with pytest.raises(sg.ConfigError, match="max_batch must be an integer >= 1, got 0"):
         sg.testing.sizes(max_batch=0)
+
+
+def test_pool_larger_than_the_recipes_is_a_config_error() -> None:
+    """Asking for more distinct recipes than exist is a ConfigError naming both counts."""
+    n = len(all_recipes())
+    with pytest.raises(sg.ConfigError, match=f"count={n + 1} exceeds the {n} distinct recipes"):
+        random_cell_pool(n + 1)

@@ -27,6 +27,7 @@ import numpy as np
 import sympy
 
 from .._cell import Cell, Constant, Input, Matrix, Scalar, State, Vector, make_cell
+from .._errors import ConfigError
 from .._functions import exp, sigmoid, softplus, tanh
 
 __all__ = ["Recipe", "build", "all_recipes", "random_cell_pool", "ACTIVATIONS", "RESETS", "GATES", "FORMS"]
@@ -170,7 +171,7 @@ def random_cell_pool(count: int = 200, seed: int = 0) -> list[Recipe]:
     recipes = all_recipes()
     rng = np.random.default_rng(seed)
     if count > len(recipes):
-        raise ValueError(f"count={count} exceeds the {len(recipes)} distinct recipes")
+        raise ConfigError(f"count={count} exceeds the {len(recipes)} distinct recipes")
     idx = rng.choice(len(recipes), size=count, replace=False)
     pool = []
     for i in sorted(int(j) for j in idx):
