@@ -144,7 +144,8 @@ def cs_param_jacobian(name: str, p, s, x, param: str) -> np.ndarray:
 class Problem:
     """A small problem on a built-in cell, with our own trajectory and Jacobians."""
 
-    def __init__(self, name: str, *, n: int = 3, m: int = 2, B: int = 3, T: int = 6, seed: int = 0) -> None:
+    def __init__(self, name: str, *, n: int = 3, m: int = 2, B: int = 4, T: int = 6, seed: int = 0) -> None:
+        # all sizes distinct, so that an axis or a size taken from the wrong dimension shows
         rng = np.random.default_rng(seed + 100)
         self.name, self.cell = name, cached_builtin(name)
         self.p = make_params(name, n, m, seed)
@@ -282,6 +283,13 @@ def test_lag_sums_without_exp_out_and_integer_input() -> None:
     out = tr._lag_sums(v, 2)
     assert out.dtype == np.float64
     np.testing.assert_array_equal(out[:, :, 0], [[0, 0, 0, 0], [-np.inf, 2, 3, 4], [-np.inf, -np.inf, 5, 7]])
+    # float32 input is summed in float64: 1 + 2**-30 is not representable in float32
+    f = np.array([[1.0], [2.0**-30], [2.0**-30], [1.0]], dtype=np.float32)
+    o = tr._lag_sums(f, 3)
+    assert o.dtype == np.float64 and o[3, 3, 0] == 1.0 + 2.0**-29  # steps 2..4
+    o = tr._lag_sums(f, 3, inclusive=True)
+    assert o.dtype == np.float64 and o[1, 1, 0] == 1.0 + 2.0**-30  # steps 1..2
+
 
 
 def test_log_abs_with_and_without_log_domain_values() -> None:
@@ -448,6 +456,44 @@ def test_effective_lrs_rejects_bad_max_lag(bad) -> None:
     np.testing.assert_allclose(m0.mu[:, 0], np.broadcast_to(pr.gates()["g"], m0.mu[:, 0].shape), rtol=RTOL)
 
 
+@pytest.mark.parametrize("convention", ["exact", "s1", "followup"])
+def test_effective_lrs_log_domain_at_saturation(convention: str) -> None:
+    """Gates saturated by their bias (c = +-800): 1 - g = e^-800 and g = e^-800 underflow to 0 in
+    float64, their logs do not: log(1 - g) = -softplus(z), log g = -softplus(-z), so log|mu| is
+    the finite sum of the window's logs (typed with numpy's logaddexp; rtol: sums of <= 4 terms)."""
+    pr = problem("vector_gate")
+    p = dict(pr.p)
+    p.update(Wg=np.zeros_like(p["Wg"]), Ug=np.zeros_like(p["Ug"]), c=np.array([800.0, -800.0, 3.0]))
+    L = 3
+    mu = sg.effective_lrs(pr.cell, p, pr.x, pr.h0, max_lag=L, convention=convention)
+    z = p["c"]
+    log_g, log_1mg = -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)  # per unit, the same at every step
+    want = np.full((pr.T, L + 1, pr.B, pr.n), -np.inf)
+    for t in range(1, pr.T + 1):
+        for ell in range(0, min(L, t - 1) + 1):
+            if convention == "exact":
+                want[t - 1, ell] = log_g + ell * log_1mg
+            elif convention == "s1":
+                want[t - 1, ell] = (ell + 1) * log_g
+            else:
+                want[t - 1, ell] = ell * log_1mg
+    assert np.all(np.isfinite(mu.log_abs_mu[mu.valid()]))
+    np.testing.assert_allclose(mu.log_abs_mu, want, rtol=1e-14, atol=1e-14)
+
+
+def test_effective_lrs_of_another_state() -> None:
+    """``state=`` selects the state whose transport is used: for the LSTM's h (no leak: h' = o tanh(c'))
+    mu is the write gain at lag 0 and exactly 0 at every longer lag; Wo is eligible there, not for c."""
+    pr = problem("lstm", T=5)
+    mu = sg.effective_lrs(pr.cell, pr.p, pr.x, pr.h0, param="Wo", state="h", max_lag=2)
+    assert mu.state == "h" and mu.param == "Wo"
+    np.testing.assert_array_equal(mu.leak, 0.0)
+    np.testing.assert_array_equal(mu.mu[:, 1:], 0.0)
+    np.testing.assert_allclose(mu.mu[:, 0], mu.write_gain, rtol=1e-14)
+    with pytest.raises(sg.CellSpecError):
+        sg.effective_lrs(pr.cell, pr.p, pr.x, pr.h0, param="Wo", max_lag=2)
+
+
 @sg.cell
 def input_gate(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"), U: sg.Matrix("n", "m"),
                a: sg.Matrix(1, "m")):
@@ -458,8 +504,8 @@ def input_gate(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"), U: sg
 
 def input_gate_problem():
     rng = np.random.default_rng(11)
-    n, m, B, T = 2, 2, 2, 7
-    p = {"W": 0.5 * rng.standard_normal((n, n)), "U": rng.standard_normal((n, m)), "a": np.array([[1.0, 0.0]])}
+    n, m, B, T = 3, 4, 2, 7
+    p = {"W": 0.5 * rng.standard_normal((n, n)), "U": rng.standard_normal((n, m)), "a": np.array([[1.0, 0.0, 0.0, 0.0]])}
     x = rng.standard_normal((T, B, m))
     # rates g = x[..., 0]: 1 (no leak), 0 (no write), negative (write < 0), > 1 (leak < 0)
     x[:, 0, 0] = [0.5, 1.0, 1.5, -0.5, 0.25, 2.0, 0.75]
@@ -475,7 +521,7 @@ def test_effective_lrs_signs_and_exact_zeros(convention: str, compute_mu: bool) 
     p, x, h0 = input_gate_problem()
     T = x.shape[0]
     mu = sg.effective_lrs(input_gate, p, x, h0, max_lag=T, convention=convention, compute_mu=compute_mu)
-    g = np.broadcast_to(x[:, :, :1], (T, 2, 2))
+    g = np.broadcast_to(x[:, :, :1], (T, 2, 3))
     want = direct_mu(g, 1 - g, T, convention)
     np.testing.assert_allclose(mu.mu, want, rtol=RTOL, atol=0)
     np.testing.assert_array_equal(np.isneginf(mu.log_abs_mu), want == 0)
@@ -721,6 +767,13 @@ def test_check_expansion_report() -> None:
     E3 = np.array([np.median(fro(F(e) - F0 - e * L)) for e in g3])
     assert rep3["slope"] == pytest.approx(np.polyfit(np.log(g3), np.log(E3), 1)[0], abs=1e-6)
     assert rep3["eps"].dtype == np.float64 and rep3["error"].shape == (4,)
+    # two fit points are enough for a slope; integer eps values are taken as floats
+    rep2 = jp.check_expansion(t, k, eps=[1e-3, 1e-2, 1.0], fit_points=2)
+    E2 = np.array([np.median(fro(F(e) - F0 - e * L)) for e in (1e-3, 1e-2)])
+    assert rep2["slope"] == pytest.approx(np.log(E2[1] / E2[0]) / np.log(10.0), abs=1e-6)
+    rep_int = jp.check_expansion(t, k, eps=[1, 2], fit_points=2)
+    assert rep_int["eps"].dtype == np.float64
+    np.testing.assert_allclose(rep_int["C2"], rep_int["error"] / np.array([1.0, 4.0]), rtol=1e-15)
     # by default the slope is fitted on the first 5 values only: a 6th far outside the quadratic
     # regime (eps = 100, where the degree-4 terms dominate) does not enter it
     g6 = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 100.0]
@@ -730,13 +783,32 @@ def test_check_expansion_report() -> None:
     assert rep6["slope"] == pytest.approx(2.0, abs=0.1)
 
 
+def test_check_expansion_with_a_vanishing_step() -> None:
+    """Plain cell, coupling split (A = 0), one sequence saturated at step 2 (tanh = +-1 exactly, so
+    B_2 = diag(1 - tanh^2) W = 0): its ratio ||B||/||A|| is 0/0 and left out of the ratio summaries
+    (the others are inf); its product F1 vanishes, so its relative remainders are 0/0 = NaN and
+    their medians NaN -- all without a floating-point warning."""
+    cell = cached_builtin("plain")
+    rng = np.random.default_rng(12)
+    n, m, B, T = 3, 2, 5, 4
+    p = {"W": 0.7 * rng.standard_normal((n, n)), "U": np.ones((n, m)), "b": np.zeros(n)}
+    x = 0.3 * rng.standard_normal((T, B, m))
+    x[1, 0] = 1e3  # sequence 0, step 2: pre-activations ~ 2000
+    jp = sg.JacobianProducts(cell, p, x, None, split="coupling")
+    assert np.all(jp.B[1, 0] == 0) and np.all(jp.A == 0)
+    rep = jp.check_expansion(3, 0)
+    assert rep["ratio_B_A"]["median"] == np.inf and rep["ratio_B_A"]["max"] == np.inf
+    assert np.isnan(rep["remainder_at_1_rel_F"]) and np.isnan(rep["remainder_at_1_rel_F0L"])
+    assert rep["norm_F0"] == 0.0 and rep["norm_L"] == 0.0
+
+
 def test_check_expansion_without_gate_terms() -> None:
     """The leaky cell has no gate-derivative terms: with the appendix split B = 0, so F(eps) = F0 and
     L = 0 exactly; every remainder is 0, the slope undefined (NaN: no positive error to fit, and no
     warning), the ratios ||B||/||A|| are 0."""
     cell = cached_builtin("leaky")
     rng = np.random.default_rng(8)
-    n, m, B, T = 3, 2, 2, 4
+    n, m, B, T = 3, 2, 5, 4
     p = {"W": 0.7 * rng.standard_normal((n, n)), "U": rng.standard_normal((n, m)), "b": 0.3 * rng.standard_normal(n)}
     jp = sg.JacobianProducts(cell, p, rng.standard_normal((T, B, m)), None)
     assert np.all(jp.B == 0)
@@ -754,7 +826,7 @@ def test_check_expansion_without_leak_reports_infinite_ratios() -> None:
     as such, without a floating-point warning (warnings are errors here)."""
     cell = cached_builtin("plain")
     rng = np.random.default_rng(9)
-    n, m, B, T = 3, 2, 2, 4
+    n, m, B, T = 3, 2, 5, 4
     p = {"W": 0.7 * rng.standard_normal((n, n)), "U": rng.standard_normal((n, m)), "b": 0.3 * rng.standard_normal(n)}
     x = rng.standard_normal((T, B, m))
     jp = sg.JacobianProducts(cell, p, x, None, split="coupling")
@@ -816,7 +888,7 @@ def test_per_lag_gradients_of_the_lstm_cell_state() -> None:
     ``sum_t delta_t^T [J_t...J_{t-ell+1}]_{cc} d+c_{t-ell}/dWf`` -- the c block of the full (h, c)
     product (paths through h inside the window included), with our complex-step Jacobians
     (rtol 1e-11: sums of ~T^2 products of <= 4 factors of size 6)."""
-    pr = problem("lstm", T=4)
+    pr = problem("lstm", T=5)
     assert sg.effective_lr(pr.cell, "Wf").state == "c"
     rng = np.random.default_rng(5)
     cot = rng.standard_normal((pr.T, pr.B, pr.n))
@@ -902,6 +974,23 @@ def test_lag_weighted_gradients_formula(name: str, param: str) -> None:
     np.testing.assert_allclose(got_f, want_f, rtol=1e-11, atol=1e-14 * np.abs(want_f).max())
 
 
+def test_lag_weighted_gradients_beyond_fifty_lags() -> None:
+    """Lags past the default 50 of effective_lrs are computed when asked (T = 53, max_lag = 52):
+    the last lags follow the same formula (one window each)."""
+    pr = problem("vector_gate", n=2, m=1, B=1, T=53)
+    rng = np.random.default_rng(3)
+    cot = rng.standard_normal((pr.T, pr.B, pr.n))
+    L = pr.T - 1
+    got = sg.lag_weighted_gradients(pr.cell, pr.p, pr.x, pr.h0, cot, "b", L)
+    g = pr.gates()["g"]
+    C, _ = immediate_coefficient(pr, "b")
+    for ell in (L - 1, L):
+        want = np.zeros(pr.n)
+        for t in range(ell + 1, pr.T + 1):
+            want += (cot[t - 1] * np.prod(1 - g[t - ell:t], axis=0) * C[t - ell - 1]).sum(axis=0)
+        np.testing.assert_allclose(got[ell], want, rtol=1e-11, atol=1e-300)
+
+
 def test_immediate_rows() -> None:
     """The rows of W for the vector gate: w = g, rho = 1 - phi^2, leak = 1 - g, source h_{t-1}, kind
     matrix; for the bias b the source is None and the kind vector."""
@@ -981,7 +1070,7 @@ def test_step_values() -> None:
     leaky = sg.cells.leaky(0.3)
     rng = np.random.default_rng(2)
     pl = {"W": rng.standard_normal((2, 2)), "U": rng.standard_normal((2, 3)), "b": np.zeros(2)}
-    tl = sg.reference_kernel(leaky, "float64").forward(pl, rng.standard_normal((2, 1, 3)))
+    tl = sg.reference_kernel(leaky, "float64").forward(pl, rng.standard_normal((4, 1, 3)))
     vl = tr.step_values(leaky, pl, tl)
     assert float(vl["alpha"]) == 0.3
     np.testing.assert_array_equal(vl["h"][0], 0.0)  # zero initial state before step 1
@@ -999,7 +1088,7 @@ def column_gate(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"), U: s
 def test_step_values_column_matrix_and_first_order() -> None:
     """An n x 1 matrix enters the diagonal by its column: first_order matches the complex-step diagonal."""
     rng = np.random.default_rng(61)
-    n, m, B, T = 3, 2, 2, 4
+    n, m, B, T = 3, 2, 5, 4
     p = {"W": 0.5 * rng.standard_normal((n, n)), "U": rng.standard_normal((n, m)),
          "wg": rng.standard_normal((1, n)), "v": rng.standard_normal((n, 1))}
     x = rng.standard_normal((T, B, m))
