@@ -114,17 +114,18 @@ HAND: dict[str, Callable[..., tuple[Arrays, Arrays]]] = {
 # ------------------------------------------------------------- a cell with every path
 @sg.cell
 def mixed(h: sg.State("n"), x: sg.Input("n"), W: sg.Matrix("n", "n"), U: sg.Matrix("n", "n"), M: sg.Matrix("n", "n"),
-          ug: sg.Matrix(1, "n"), d: sg.Vector("n"), a: sg.Scalar(), c: sg.Scalar(), k: sg.Constant(0.5)):
+          ug: sg.Matrix(1, "n"), P: sg.Matrix("n", 1), d: sg.Vector("n"), a: sg.Scalar(), c: sg.Scalar(),
+          k: sg.Constant(0.5)):
     """State-independent nodes reading the input elementwise, a vector and a scalar (``s``),
     a Linear of such a node (``M @ s``), a one-unit gate of the input alone read per unit
-    (``e`` in ``w``, itself state-independent), a constant-only node (``kk``), and a state-dependent node reading the
-    input elementwise and a scalar parameter."""
+    (``e`` in ``w``, itself state-independent), constant-only nodes (``kk`` and ``k**2``, read
+    by ``P``), and a state-dependent node reading the input elementwise and a scalar parameter."""
     s = sg.tanh(x) * d + c
     q = sg.sigmoid(M @ s)
     e = sg.sigmoid(ug @ x)
     w = sg.tanh(e * s)
     kk = sg.sigmoid(k)
-    return (1 - q) * a * h + q * sg.tanh(W @ h + U @ x) + kk * x * h + w
+    return (1 - q) * a * h + q * sg.tanh(W @ h + U @ x + P @ (k * k)) + kk * x * h + w
 
 
 def _mixed(p: Arrays, x: np.ndarray, st: Arrays) -> tuple[Arrays, Arrays]:
@@ -134,7 +135,7 @@ def _mixed(p: Arrays, x: np.ndarray, st: Arrays) -> tuple[Arrays, Arrays]:
     e = _sig(_lin(p["ug"], x))  # (B, 1)
     w = np.tanh(e * s)
     kk = _sig(0.5)
-    new = (1 - q) * p["a"] * h + q * np.tanh(_lin(p["W"], h) + _lin(p["U"], x)) + kk * x * h + w
+    new = (1 - q) * p["a"] * h + q * np.tanh(_lin(p["W"], h) + _lin(p["U"], x) + p["P"][:, 0] * 0.5**2) + kk * x * h + w
     return {"h": new}, {"u": s, "q": q, "e": e, "w": w}
 
 
@@ -536,6 +537,21 @@ def test_constructors_reject_what_is_not_a_cell() -> None:
         sg.reference_kernel(lambda h: h)  # type: ignore[arg-type]
     with pytest.raises(sg.DTypeError):
         sg.reference_kernel(cached_builtin("plain"), "int32")
+
+
+@sg.cell
+def constant_update(h: sg.State("n"), x: sg.Input("m"), U: sg.Matrix("n", "m")):
+    """Reads the state, yet (h + 1)^2 - h^2 - 2h = 1: the update does not depend on it."""
+    return sg.tanh(U @ x) + (h + 1) ** 2 - h**2 - 2 * h
+
+
+def test_kernel_rejects_an_update_that_does_not_depend_on_the_state() -> None:
+    """The kernel derives the cell when it is built, so a cell whose state Jacobian is identically
+    zero is rejected there (StateIndependenceError), not at its first run."""
+    with pytest.raises(sg.StateIndependenceError, match="does not depend on the state"):
+        sg.ReferenceKernel(constant_update)
+    with pytest.raises(sg.StateIndependenceError, match="does not depend on the state"):
+        sg.reference_kernel(constant_update, "float32")
 
 
 def test_reference_kernel_is_cached_per_cell_and_dtype() -> None:
