@@ -955,3 +955,47 @@ def test_step_and_lag_symbols_are_integers() -> None:
     Symbol('t', integer=True) compare equal to the derived ones."""
     assert sg.t == sympy.Symbol("t", integer=True)
     assert sg.ell == sympy.Symbol("ell", integer=True, nonnegative=True)
+
+
+def test_jacobian_blocks_by_state_names() -> None:
+    """jacobian(cell, of, wrt) is the block d of'/d wrt; a missing name defaults to the first state."""
+    lstm = sg.cells.lstm()
+    J = sg.jacobian(lstm)
+    assert sg.jacobian(lstm, "c") is J[("c", "h")]
+    assert sg.jacobian(lstm, wrt="c") is J[("h", "c")]
+    assert sg.jacobian(lstm, "c", "c") is J[("c", "c")]
+    assert J[("c", "c")].of == "c'" and J[("c", "c")].wrt == "c"
+    assert sg.jacobian(VG) is sg.jacobian(VG, "h", "h")
+
+
+def test_parameter_jacobians_of_every_parameter() -> None:
+    """parameter_jacobians gives parameter_jacobian for each parameter, in declaration order, of the
+    first state unless told; a matrix read by two Linear nodes has one Kronecker piece per node."""
+    lstm = sg.cells.lstm()
+    pjs = sg.parameter_jacobians(lstm)
+    assert list(pjs) == list(lstm.param_names)
+    assert all(pj is sg.parameter_jacobian(lstm, p) and pj.of == "h'" for p, pj in pjs.items())
+    assert all(pj.of == "c'" for pj in sg.parameter_jacobians(lstm, "c").values())
+    pu = sg.parameter_jacobian(colmix, "U")
+    assert [v.name for _, v in pu.pieces] == ["x", "x"] and pu.kind == "matrix" and pu.shape == ("n", "m")
+    assert pu.latex().count(r"\otimes") == 2 and str(pu).count("x.T \u2297") == 2
+    ps = sg.parameter_jacobian(colmix, "s")
+    assert ps.kind == "scalar" and ps.shape == () and [v for _, v in ps.pieces] == [None]
+
+
+@pytest.mark.parametrize("name", ["colmix", "matfirst"])
+def test_dense_jacobians_keep_the_values_dtype(name: str) -> None:
+    """float32 step values give float32 dense Jacobians (state and parameter), equal to the float64
+    ones to float32 rounding (entries O(1), a few roundings each: 1e-5 is ~100 ulps of float32)."""
+    cell, _ = CELLS[name]
+    params, x, h = _problem(cell)
+    k64, k32 = sg.ReferenceKernel(cell), sg.ReferenceKernel(cell, "float32")
+    p32 = {k: v.astype(np.float32) for k, v in params.items()}
+    x32, h32 = x.astype(np.float32), h.astype(np.float32)
+    J32 = k32.jacobian(p32, x32, h32)
+    assert J32.dtype == np.float32
+    np.testing.assert_allclose(J32, k64.jacobian(params, x, h), rtol=0, atol=1e-5)
+    for p in cell.params:
+        P32 = k32.parameter_jacobian(p32, x32, h32, p.name)
+        assert P32.dtype == np.float32, p.name
+        np.testing.assert_allclose(P32, k64.parameter_jacobian(params, x, h, p.name), rtol=0, atol=1e-5)

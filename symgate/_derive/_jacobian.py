@@ -239,6 +239,13 @@ class _Lambdified:
 _LAMBDIFIED = _Lambdified()
 
 
+def _values_dtype(values: Mapping[str, Any]) -> np.dtype:
+    """The dtype of the per-unit values: arrays only, so that Python numbers (the constants) do not
+    promote float32 values to float64."""
+    dtypes = [np.asarray(v).dtype for v in values.values() if not isinstance(v, (int, float))]
+    return np.result_type(*dtypes) if dtypes else np.dtype(np.float64)
+
+
 def _dense_factor(f: Factor, values: Mapping[str, Any], params: Mapping[str, Any], batch: int, sizes: Mapping[Any, int]) -> Any:
     if f.kind == "matrix":
         return np.asarray(params[f.matrix])[None, :, :]
@@ -411,7 +418,7 @@ class StructuredJacobian:
             sizes = self.infer_sizes(values, params)
         batch = next(np.shape(v)[0] for v in values.values() if np.ndim(v) == 2)
         r, c = sizes[self.rows], sizes[self.cols]
-        dtype = np.result_type(*[np.asarray(v).dtype for v in values.values()])
+        dtype = _values_dtype(values)
         out = np.zeros((batch, r, c), dtype=dtype)
         for t in self.terms:
             coeff = np.asarray(_LAMBDIFIED(t.numeric_coefficient, values))
@@ -554,7 +561,7 @@ class ParamJacobian:
     def evaluate(self, values: Mapping[str, Any], params: Mapping[str, Any], sizes: Mapping[Any, int]) -> np.ndarray:
         """Dense ``(B, d_out, *param_shape)``: entry ``[b, i, ...]`` is d s'_i / d theta[...]."""
         batch = next(np.shape(v)[0] for v in values.values() if np.ndim(v) == 2)
-        dtype = np.result_type(*[np.asarray(v).dtype for v in values.values()])
+        dtype = _values_dtype(values)
         total = np.zeros((batch, sizes[self.rows], *[sizes[d] for d in self.shape]), dtype=dtype)
         for C, v in self.pieces:
             dense = C.evaluate(values, params, sizes)  # (B, d_out, r)
