@@ -999,3 +999,25 @@ def test_dense_jacobians_keep_the_values_dtype(name: str) -> None:
         P32 = k32.parameter_jacobian(p32, x32, h32, p.name)
         assert P32.dtype == np.float32, p.name
         np.testing.assert_allclose(P32, k64.parameter_jacobian(params, x, h, p.name), rtol=0, atol=1e-5)
+
+
+def test_infer_sizes_from_per_unit_values_alone() -> None:
+    """Without a matrix factor the size of n is the last axis of a per-unit value, (B, d) or (d,)."""
+    leak = sg.jacobian(VG).select("leak")
+    assert leak.infer_sizes({"g": np.zeros((2, 5))}, {}) == {1: 1, "n": 5}
+    assert leak.infer_sizes({"g": np.zeros(4)}, {}) == {1: 1, "n": 4}
+    with pytest.raises(ShapeError, match="dimension 'n'"):
+        leak.infer_sizes({"g": 0.5}, {})
+
+
+def test_log_abs_takes_inner_logs_of_sigmoids_in_the_log_domain() -> None:
+    """log|h log sigmoid(v)| with v = -800: log sigmoid(-800) = -800 - log(1 + e^-800) in the log
+    domain (the direct form underflows to log 0), so the result is log|h| + log 800 (mpmath)."""
+    from symgate._derive._stable import log_abs
+    from symgate._functions import Sigmoid
+
+    h, v = VG.symbols["h"], sympy.Symbol("v")
+    e = log_abs(VG, h * sympy.log(Sigmoid(v)))
+    with mpmath.workdps(50):
+        want = float(mpmath.log(0.25) + mpmath.log(abs(mpmath.log(1 / (1 + mpmath.exp(800))))))
+    assert _float_eval(e, {"h": 0.25, "v": -800.0}) == pytest.approx(want, rel=1e-15)
