@@ -184,6 +184,13 @@ def test_directional_is_the_inner_product_and_its_absolute_sum() -> None:
     assert _battery._directional(g, dp, dh, dx) == (-4.5, 17.5)
 
 
+def test_rel_is_the_largest_difference_relative_to_max_one_and_the_reference() -> None:
+    """Matrix comparisons are relative to ``max(1, max|ref|)``."""
+    assert _battery._rel(np.array([1.0, 2.0]), np.array([1.5, -4.0])) == 6.0 / 4.0
+    assert _battery._rel(np.array([[0.1, 0.0]]), np.array([[0.3, 0.05]])) == pytest.approx(0.2, rel=1e-15)
+    assert _battery._rel(np.array(3.0), np.array(3.0)) == 0.0
+
+
 # ----------------------------------------------------------------------------
 # the readout-cancellation scale
 # ----------------------------------------------------------------------------
@@ -574,6 +581,40 @@ def test_jacobian_check_compares_on_the_first_input_step(monkeypatch: pytest.Mon
         assert calls and all(np.array_equal(a[1], prob.x[0]) and a[2] is prob.h0 for a, _ in calls)
     pj = ks.calls(*F64, "parameter_jacobian")
     assert sorted((a[3], a[4]) for a, _ in pj) == sorted((p, "h") for p in prob.params)
+
+
+@pytest.mark.parametrize("part, w_scale, h_scale", [("state", 1.0, 1.0), ("state", 6.0, 1.0), ("W", 1.0, 1.0), ("W", 1.0, 6.0)])
+def test_jacobian_check_error_is_relative_to_max_one_and_the_jacobian(part: str, w_scale: float, h_scale: float,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Jacobian error is ``max|J - J_fd| / max(1, max|J|)``: with small Jacobians (all entries below 1)
+    the floor 1 applies; with ``W`` scaled by 6 (the state part) or ``h`` by 6 (``dh'/dW = alpha phi' h``)
+    the largest entry (1.8, 2.3); a defect of ``k`` times the tolerance in that metric gives
+    ``error / tolerance = k``."""
+    prob = draw_problem(LEAKY, 14, n=3, m=2, B=2, T=2, rho=0.5)
+    prob = dataclasses.replace(prob, params={**prob.params, "W": prob.params["W"] * w_scale}, h0={"h": prob.h0["h"] * h_scale})
+    ref = sg.reference_kernel(LEAKY)
+    J = ref.jacobian(prob.params, prob.x[0], prob.h0) if part == "state" else \
+        ref.parameter_jacobian(prob.params, prob.x[0], prob.h0, "W", "h")
+    assert (float(np.max(np.abs(J))) > 1.5) == (max(w_scale, h_scale) > 1)
+    base = _battery.check_jacobian(prob)
+    assert base.error < 0.1 * TOL_FD
+    for k in (0.1, 10.0):
+        amount = k * TOL_FD * max(1.0, float(np.max(np.abs(J))))
+
+        def bump(inner: Any, out: np.ndarray, *a: Any, **kw: Any) -> np.ndarray:
+            if part != "state" and a[3] != part:
+                return out
+            out = np.array(out)
+            out[(0,) * out.ndim] += amount
+            return out
+
+        with monkeypatch.context() as mp:
+            Kernels(mp, edits={F64: {"jacobian" if part == "state" else "parameter_jacobian": bump}})
+            r = _battery.check_jacobian(prob)
+        assert abs(r.error / TOL_FD - k) <= base.error / TOL_FD + 1e-3 * k, r.detail
+        assert r.passed == (k < 1)
+        if k > 1:
+            assert ("state Jacobian" if part == "state" else "dh'/dW") in r.detail
 
 
 def _fd_problem(scale_x: float) -> sg.testing.Problem:
