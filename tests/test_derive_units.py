@@ -1021,3 +1021,25 @@ def test_log_abs_takes_inner_logs_of_sigmoids_in_the_log_domain() -> None:
     with mpmath.workdps(50):
         want = float(mpmath.log(0.25) + mpmath.log(abs(mpmath.log(1 / (1 + mpmath.exp(800))))))
     assert _float_eval(e, {"h": 0.25, "v": -800.0}) == pytest.approx(want, rel=1e-15)
+
+
+def test_cached_derivation_objects_are_immutable() -> None:
+    """What the derivation caches on a cell and hands to both backends (program steps, partials,
+    Jacobians, their terms and factors, companions, splits, expansions, effective learning rates)
+    cannot be changed by a caller: assigning an attribute raises FrozenInstanceError."""
+    import dataclasses
+
+    from symgate._derive._jacobian import _Path
+    from symgate._derive._program import program
+    from symgate._derive._stable import companions
+
+    J = sg.jacobian(VG)
+    objects = [
+        program(VG)[0], local_partials(VG), local_partials(VG).output(0), J, J.terms[0], J.terms[0].factors[0],
+        sg.jacobian(sg.cells.lstm()), sg.parameter_jacobian(VG, "W"), companions(VG, [1 - VG.symbols["g"]])[0],
+        sg.split(VG), sg.expansion(VG), sg.effective_lr(VG), _Path((), (), ()),
+    ]
+    for obj in objects:
+        field = dataclasses.fields(obj)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, field, None)
