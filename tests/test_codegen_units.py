@@ -570,3 +570,48 @@ def test_printer_symbols() -> None:
     repl, red = cse([sympy.exp(U) * V + sympy.exp(U), sympy.exp(U)])
     assert [s.name for s, _ in repl] == ["_c0"] and repl[0][1] == sympy.exp(U)
     assert red == [repl[0][0] * V + repl[0][0], repl[0][0]]
+
+
+# ----------------------------------------------------------------------------- compiled
+
+
+@sg.cell
+def omnibus(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"), U: sg.Matrix("n", "m"), Ug: sg.Matrix("n", "m"),
+            bg: sg.Vector("n"), wr: sg.Matrix(1, "n"), s: sg.Scalar(), theta: sg.Scalar(), v: sg.Vector("n"),
+            b: sg.Vector("n")):
+    """Paths the feature pool's fast cases take rarely, in one cell: a one-unit static loop of a scalar
+    parameter, a static gate with a bias read in the loop, a one-unit gate of the state feeding a
+    product of the gated state, a vector parameter on the state, a scalar on the state, a division,
+    a bias whose gradient is the column sum of the second member of a stacked group."""
+    a = sg.sigmoid(theta)
+    g = sg.sigmoid(Ug @ x + bg)
+    r = sg.sigmoid(wr @ h)
+    phi = sg.tanh(W @ (r * h) + U @ x + v * h + b)
+    return (1 - g) * s * h + g * a * phi / (1 + phi * phi)
+
+
+def test_omnibus_plan_typed_by_hand() -> None:
+    """The static part is the stacked input products then two loops (one unit, then n units); the
+    step is r's product, r's one-unit loop, u = r*h, u's product, the loop of phi and h'.  Only phi's
+    adjoint is a register; RS0 (two members) cannot share R1's (one member); v's partial is its own,
+    b's (sech2) is that of z_U and z_W, both read by phi only: a column sum of one of their adjoints."""
+    plan = cell_plan(omnibus)
+    assert _ops(plan.static_ops) == [("gemm", ["z_Ug", "z_U"], None), ("loop", ["a", "1-a"], 1), ("loop", ["g", "1-g"], "n")]
+    assert _ops(plan.dynamic_ops) == [("gemm", ["z_wr"], None), ("loop", ["r", "1-r"], 1), ("loop", ["u"], "n"),
+                                      ("gemm", ["z_W"], None), ("loop", ["phi", "1-phi^2", "h'"], "n")]
+    assert plan.register_adjoints == {"phi"} and plan.shared_adjoint == {}
+    assert set(plan.column_sums) == {("phi", "b")} and plan.column_sums[("phi", "b")] in ("z_U", "z_W")
+    assert plan.needed == {"r", "1-r", "u", "phi", "1-phi^2"}
+    assert plan.static_wgrad_in_loop(plan.static_groups[0]) is False
+
+
+@pytest.mark.parametrize("B, policy", [(2, Policy()), (STEP_WGRAD_MIN_B + 1, Policy(small_gemm=0))])
+def test_omnibus_compiled_agrees_with_the_reference(B: int, policy: Policy) -> None:
+    """Every entry point (forward, both losses, vjp, jvp, prepared steps), workspaces poisoned with NaN,
+    a small batch (whole-sequence products, plain loops) and a large one (per-step products, BLAS)."""
+    from symgate.testing._differential import compare_backends
+
+    diffs = compare_backends(omnibus, {"n": 3, "m": 2}, T=4, B=B, seed=B, policy=policy, prepared_calls=2)
+    # the tolerance is the differential tests' rounding bound (symgate.testing._differential)
+    bad = [f"{d.what}: {d.error:.2e} > {d.tolerance:.2e}" for d in diffs if not d.passed]
+    assert diffs and not bad, bad
