@@ -362,6 +362,47 @@ def test_run_plan_of_a_real_program() -> None:
     assert rp.stored_nodes == {"1-phi^2"} and rp.stored_groups == set() and rp.scratch == set()
 
 
+def test_run_plan_default_readout_has_one_output() -> None:
+    """Without ``o``, the readout has one row: a B x o x n product is 5 x 1 x 5 = 25 multiply-adds."""
+    gen = _fake_gen(gemm_sites=[GemmSite(0, "r", 0, 0, "B", "c.o", "n")])
+    assert run_plan(gen, SIZES, 4, 5, RunOptions(loss="last"), policy=Policy(small_gemm=25)).routes == (1,)
+    assert run_plan(gen, SIZES, 4, 5, RunOptions(loss="last"), o=2, policy=Policy(small_gemm=25)).routes == (0,)
+
+
+def test_options_policies_and_sites_are_values() -> None:
+    """RunOptions() is a forward-only call (the input gradient wanted once BPTT runs); options,
+    policies and sites are immutable values (usable as keys, never changed under a kernel)."""
+    import dataclasses
+
+    assert RunOptions() == RunOptions(loss=None, backward=False, jvp=False, cotangents=False, store_all=False, x_grad=True)
+    assert Policy() == Policy(step_min_batch=STEP_WGRAD_MIN_B)
+    site = GemmSite(0, "r", 0, 0, "B", "B", "B")
+    for value in (RunOptions(), Policy(), site, Group(0, True, "x", ("a",), ("A",), ("n",), "m")):
+        assert hash(value) == hash(dataclasses.replace(value))
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, dataclasses.fields(value)[0].name, None)
+
+
+def test_decision_tables_list_exactly_the_values_taken() -> None:
+    """STRUCTURAL_VALUES and DECISION_VALUES say which values each kind of decision takes: every
+    value the hand-analysed cells and run plans above take is listed, and every listed value is taken."""
+    from symgate._codegen import DECISION_VALUES, STRUCTURAL_VALUES
+
+    seen: dict[str, set] = {}
+    for name in ("fc_static_chain", "fc_scalar_gate", "fc_vector_recurrence", "fc_matrix_first", "fc_input_elementwise"):
+        for kind, _i, value in structural_decisions(cell_plan(feature_cell(name))):
+            seen.setdefault(kind, set()).add(value)
+    assert {k: set(v) for k, v in STRUCTURAL_VALUES.items()} == seen
+    sites = [GemmSite(0, "forward.group", 0, 0, "B", "c.D0", "c.D0")]
+    runs = [run_plan(_fake_gen(gemm_sites=sites), SIZES, 4, B, RunOptions(loss="last", backward=True, x_grad=False),
+                     policy=pol) for B in (2, 9) for pol in (Policy(small_gemm=0), Policy())]
+    seen = {}
+    for rp in runs:
+        for kind, _i, value in rp.decisions():
+            seen.setdefault(kind.split(":")[0], set()).add(value)
+    assert {k: set(v) for k, v in DECISION_VALUES.items()} == seen
+
+
 def test_extent_rejects_unknown_sizes() -> None:
     assert extent("c.T * c.B * 3", {"T": 2, "B": 5}) == 30
     with pytest.raises(ShapeError, match="Q"):
