@@ -600,6 +600,16 @@ def test_float32_literals_are_cast_and_float64_literals_are_not() -> None:
     assert p32.code(sympy.exp(U)) == "expf(uu)" and p64.code(sympy.exp(U)) == "exp(uu)"  # the type-alias table
 
 
+def test_small_integer_powers_print_as_products() -> None:
+    """Powers up to the fourth are multiplications (no pow call in the loop), higher ones pow()."""
+    pr = KernelPrinter(np.dtype("float64"))
+    pr.access = {U: "uu"}
+    for k in (2, 3, 4):
+        code = pr.code(U**k)
+        assert "pow" not in code and code.count("uu") == k and _run_c(code, uu=1.5) == 1.5**k
+    assert "pow(" in pr.code(U**5) and _run_c(pr.code(U**5), uu=1.5) == 1.5**5
+
+
 def test_printer_symbols() -> None:
     """Bound symbols print as their code, CSE temporaries as their names, others are an error."""
     pr = KernelPrinter(np.dtype("float64"))
