@@ -377,7 +377,9 @@ def test_options_policies_and_sites_are_values() -> None:
     assert RunOptions() == RunOptions(loss=None, backward=False, jvp=False, cotangents=False, store_all=False, x_grad=True)
     assert Policy() == Policy(step_min_batch=STEP_WGRAD_MIN_B)
     site = GemmSite(0, "r", 0, 0, "B", "B", "B")
-    for value in (RunOptions(), Policy(), site, Group(0, True, "x", ("a",), ("A",), ("n",), "m")):
+    from symgate._codegen import Slot
+
+    for value in (RunOptions(), Policy(), site, Group(0, True, "x", ("a",), ("A",), ("n",), "m"), Slot("X", "x", "x", ("T",))):
         assert hash(value) == hash(dataclasses.replace(value))
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(value, dataclasses.fields(value)[0].name, None)
