@@ -445,6 +445,13 @@ def test_effective_lrs_other_parameters_and_defaults() -> None:
     np.testing.assert_allclose(mg.mu, direct_mu(mg.write_gain, 1 - gg["g"], 3, "exact"), rtol=RTOL, atol=0)
 
 
+def test_effective_lrs_rejects_an_unknown_convention() -> None:
+    """The convention is validated (CellSpecError naming it), not silently taken as "exact"."""
+    pr = problem("vector_gate")
+    with pytest.raises(sg.CellSpecError, match="bogus"):
+        sg.effective_lrs(pr.cell, pr.p, pr.x, pr.h0, max_lag=2, convention="bogus")
+
+
 @pytest.mark.parametrize("bad", [-1, 2.0, True, "3", None])
 def test_effective_lrs_rejects_bad_max_lag(bad) -> None:
     """max_lag must be an integer >= 0 (ShapeError naming the value); numpy integers and 0 are fine."""
@@ -558,6 +565,12 @@ def test_trajectory_summaries() -> None:
         sel = M[ts, ell]
         assert me[ell] == pytest.approx(np.mean(np.abs(sel)), rel=1e-13)
         assert mg[ell] == pytest.approx(np.mean(np.log(np.abs(sel))), rel=1e-13)
+    # with max_lag < T every lag, the last included, has valid steps and a finite summary
+    short = sg.effective_lrs(pr.cell, pr.p, pr.x, pr.h0, max_lag=3)
+    np.testing.assert_allclose(short.log_l1_mean(), lm[:4], rtol=1e-13)
+    np.testing.assert_allclose(short.mean_envelope(), me[:4], rtol=1e-13)
+    np.testing.assert_allclose(short.mean_envelope(geometric=True), mg[:4], rtol=1e-13)
+    assert np.all(np.isfinite(short.log_l1_mean()))
 
 
 # ----------------------------------------------------------------------------
