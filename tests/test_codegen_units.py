@@ -668,3 +668,27 @@ def test_omnibus_compiled_agrees_with_the_reference(B: int, policy: Policy) -> N
     # the tolerance is the differential tests' rounding bound (symgate.testing._differential)
     bad = [f"{d.what}: {d.error:.2e} > {d.tolerance:.2e}" for d in diffs if not d.passed]
     assert diffs and not bad, bad
+
+
+@sg.cell
+def chained(h: sg.State("n"), x: sg.Input("m"), W1: sg.Matrix("k", "n"), W2: sg.Matrix("n", "k"), U1: sg.Matrix("k", "m"),
+            U2: sg.Matrix("n", "k")):
+    """Products of products: a group whose source is another group's member, in the static part
+    (U2 (U1 x)) and in the time step (W2 (W1 h)).  Planned only: ``jacobian()`` (which the
+    generated module's header prints) does not handle a Linear node reading a Linear node yet."""
+    return sg.tanh(W2 @ (W1 @ h) + U2 @ (U1 @ x))
+
+
+def test_chained_products_plan_typed_by_hand() -> None:
+    """Four one-member groups, each reading the previous product; the static part is products only,
+    so it may run per step, but U1 x is read by BPTT (the weight gradient of U2 needs it at every
+    step): only U2 (U1 x), read by the forward step alone, may be one reused row.  U2's adjoint is
+    W2's (both products are read by the tanh only, with the same partial)."""
+    plan = cell_plan(chained)
+    assert [(g.static, g.source, g.members) for g in plan.groups] == [
+        (True, "x", ("z_U1",)), (True, "z_U1", ("z_U2",)), (False, "h", ("z_W1",)), (False, "z_W1", ("z_W2",))]
+    assert [op.kind for op in plan.static_ops] == ["gemm", "gemm"] and plan.input_products_in_loop() is True
+    assert [plan.scratch_input_products(g) for g in plan.static_groups] == [False, True]
+    assert {k: g.index for k, g in plan.shared_adjoint.items()} == {1: 1}
+    assert plan.needed == {"1-phi^2", "z_W1"}  # the source of W2's product, and the tanh's partial
+    assert [plan.static_wgrad_in_loop(g) for g in plan.static_groups] == [False, True]
