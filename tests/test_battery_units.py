@@ -539,6 +539,25 @@ def test_kernel_backends() -> None:
 # ----------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def compiled_leaky() -> None:
+    sg.compile(LEAKY)  # the built-ins are compiled ahead of time: loaded once
+
+
+def test_every_check_reports_its_documented_tolerance(compiled_leaky: None) -> None:
+    """README table: ``100 eps^(2/3)`` for finite differences, ``64 (T+1) eps`` for accumulated rounding
+    (``eps32`` for float32), ``64 eps`` for the elementwise mpmath partials; each check by its own name."""
+    prob = draw_problem(LEAKY, 15, n=2, m=1, B=2, T=4)
+    documented = {"jacobian": TOL_FD, "bptt_cs": tol_round(4), "bptt_fd": TOL_FD, "adjoint": tol_round(4),
+                  "mpmath": 64 * EPS, "float32": 64 * 5 * EPS32, "batch": tol_round(4), "compiled": tol_round(4)}
+    table = dict(_battery.CHECKS, **_battery.COMPILED_CHECKS)
+    assert set(table) == set(documented)
+    for name, check in table.items():
+        r = check(prob, backend="compiled")
+        assert r.check == name and r.tolerance == pytest.approx(documented[name], rel=1e-12), name
+        assert r.passed and r.detail.endswith(prob.describe()), r.detail
+
+
 def test_jacobian_check_differences_each_state_and_parameter_entry_with_the_documented_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """Central differences of one step: each state unit (each column of the stacked states) and each
     parameter entry moved alone by ``+-eps**(1/3) max(1, |v|)``, on the first input step."""
@@ -611,7 +630,10 @@ def test_jacobian_check_error_is_relative_to_max_one_and_the_jacobian(part: str,
         with monkeypatch.context() as mp:
             Kernels(mp, edits={F64: {"jacobian" if part == "state" else "parameter_jacobian": bump}})
             r = _battery.check_jacobian(prob)
-        assert abs(r.error / TOL_FD - k) <= base.error / TOL_FD + 1e-3 * k, r.detail
+        # triangle inequality (the pinned tests' bound): the defect-free error, the rounding of the bumped
+        # entry (8 eps) and the defect's move of the scale (at most k TOL_FD < 1e-3 k of it)
+        assert r.tolerance == pytest.approx(TOL_FD, rel=1e-12)
+        assert abs(r.error / TOL_FD - k) <= base.error / TOL_FD + 8 * EPS / TOL_FD + 1e-3 * k, r.detail
         assert r.passed == (k < 1)
         if k > 1:
             assert ("state Jacobian" if part == "state" else "dh'/dW") in r.detail
@@ -667,7 +689,9 @@ def test_bptt_fd_check_scale_counts_the_loss_value(monkeypatch: pytest.MonkeyPat
             Kernels(mp, edits={F64: {"backward": edit}}, direction=lambda dp, dh, dx: box.setdefault("d", (dp, dh, dx)))
             r = _battery.check_bptt_finite_difference(prob, "last")
         assert box["dominates"]
-        # triangle inequality: within the defect-free error (plus the rounding of the shifted sum)
+        # triangle inequality: within the defect-free error, plus the defect's move of the scale (1e-3 k)
+        # and the rounding of the shifted sum (a few eps of the scale: eps / TOL_FD ~ 1e-7)
+        assert r.tolerance == pytest.approx(TOL_FD, rel=1e-12)
         assert abs(r.error / TOL_FD - k) <= base.error / TOL_FD + 1e-3 * k + 1e-6
 
 
@@ -719,6 +743,7 @@ def test_bptt_cs_check_scale_is_the_readout_where_the_loss_is_stationary(loss: s
             Kernels(mp, edits={F64: {"backward": edit}}, direction=lambda dp, dh, dx: box.setdefault("d", (dp, dh, dx)))
             r = _battery.check_bptt_complex_step(prob, loss)
         assert box["ratio"] < 1e-6  # the contributions have cancelled
+        assert r.tolerance == pytest.approx(tol, rel=1e-12)
         assert abs(r.error / tol - k) <= base.error / tol + 8 * EPS / tol + 1e-3 * k, r.detail
         assert r.passed == (k < 1)
 
@@ -753,6 +778,7 @@ def test_adjoint_check_scale_counts_the_forward_mode_terms(monkeypatch: pytest.M
             Kernels(mp, edits={F64: {"vjp": edit}}, direction=record)
             r = _battery.check_adjoint(prob)
         assert box["ratio"] > 3  # the forward-mode terms are the larger scale (6.7x here)
+        assert r.tolerance == pytest.approx(tol, rel=1e-12)
         assert abs(r.error / tol - k) <= base.error / tol + 8 * EPS / tol + 1e-3 * k, r.detail
         assert r.passed == (k < 1)
 
@@ -825,11 +851,6 @@ def test_batch_check_splits_the_batch_into_sequences(monkeypatch: pytest.MonkeyP
         assert all(np.array_equal(h0[s][0], prob.h0[s][b]) for s in ("h", "c"))
     losses = [kw["loss"] for a, kw in ks.calls(*F64, "backward") if a[1].shape[1] == 1]
     assert [np.array_equal(L.y[0], prob.y_last[b]) for b, L in enumerate(losses)] == [True] * prob.B
-
-
-@pytest.fixture(scope="module")
-def compiled_leaky() -> None:
-    sg.compile(LEAKY)  # the built-ins are compiled ahead of time: loaded once
 
 
 @pytest.mark.parametrize("dropped", ["h0", "x"])
