@@ -140,22 +140,40 @@ def _mixed(p: Arrays, x: np.ndarray, st: Arrays) -> tuple[Arrays, Arrays]:
 
 
 HAND["mixed"] = _mixed
-CELLS = [*sorted(sg.cells.BUILTIN), "mixed"]
+
+
+@sg.cell
+def bottleneck(h: sg.State("n"), x: sg.Input("m"), A: sg.Matrix("k", "n"), Wb: sg.Matrix("n", "k"), U: sg.Matrix("n", "m"),
+               P: sg.Matrix("n", 1), c: sg.Scalar()):
+    """A node of a dimension of its own (``z``, of size k, no state or input has it) and a
+    column matrix applied to a scalar parameter (``P @ c``: no node of dimension 1)."""
+    z = sg.tanh(A @ h)
+    return sg.tanh(Wb @ z + U @ x + P @ c)
+
+
+def _bottleneck(p: Arrays, x: np.ndarray, st: Arrays) -> tuple[Arrays, Arrays]:
+    z = np.tanh(_lin(p["A"], st["h"]))
+    return {"h": np.tanh(_lin(p["Wb"], z) + _lin(p["U"], x) + p["P"][:, 0] * p["c"])}, {"z": z}
+
+
+HAND["bottleneck"] = _bottleneck
+CELLS = [*sorted(sg.cells.BUILTIN), "mixed", "bottleneck"]
 
 
 def _cell(name: str) -> sg.Cell:
-    return mixed if name == "mixed" else cached_builtin(name)
+    return {"mixed": mixed, "bottleneck": bottleneck}.get(name) or cached_builtin(name)
 
 
 def _problem(cell: sg.Cell, seed: int, *, n: int = 3, m: int = 2, B: int = 4, T: int = 5) -> tuple[Arrays, np.ndarray, Arrays]:
     """Random float64 parameters (scaled so the states stay O(1)), inputs and initial states.
 
-    The default sizes are all different (T=5, B=4, n=3, m=2), so that an axis or a size taken
+    The default sizes are all different (T=5, B=4, n=3, m=2; k=2 is only read off the
+    parameters), so that an axis or a size taken
     from the wrong place cannot go unnoticed."""
     rng = np.random.default_rng(seed)
     if cell.inputs[0].dim == "n":
         m = n
-    size = {"n": n, "m": m, 1: 1}
+    size = {"n": n, "m": m, "k": 2, 1: 1}
     params = {p.name: (0.6 / np.sqrt(n)) * rng.standard_normal(tuple(size[d] for d in p.shape)) for p in cell.params}
     x = rng.standard_normal((T, B, m))
     h0 = {s.name: rng.uniform(-0.5, 0.5, (B, size[s.dim])) for s in cell.states}
@@ -330,7 +348,7 @@ def _pairing(name: str, cots: Arrays) -> Callable[[dict[str, np.ndarray]], Any]:
     return f
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru", "scalar_gate", "mixed"])
+@pytest.mark.parametrize("name", ["lstm", "gru", "scalar_gate", "mixed", "bottleneck"])
 def test_vjp_matches_complex_step_for_arbitrary_cotangents(name: str) -> None:
     """``vjp`` pulls per-step cotangents of *every* state back: the result is the gradient of
     sum_t <cot_t, state_t>, checked entry by entry by the complex step (tolerance as above)."""
@@ -407,7 +425,7 @@ def _trajectory_of(name: str) -> Callable[[dict[str, np.ndarray]], Arrays]:
     return f
 
 
-@pytest.mark.parametrize("name", ["lstm", "scalar_gate", "mgu", "mixed"])
+@pytest.mark.parametrize("name", ["lstm", "scalar_gate", "mgu", "mixed", "bottleneck"])
 def test_jvp_matches_complex_step_along_a_direction(name: str) -> None:
     """``jvp`` along tangents of every parameter, the initial states and the inputs is the
     directional derivative of every state at every step: one complex step along the same
@@ -463,7 +481,7 @@ def test_jvp_argument_errors() -> None:
 
 
 # ================================================================ one-step Jacobians
-@pytest.mark.parametrize("name", ["scalar_gate", "lstm", "mixed"])
+@pytest.mark.parametrize("name", ["scalar_gate", "lstm", "mixed", "bottleneck"])
 def test_dense_state_jacobian_matches_complex_step(name: str) -> None:
     """``jacobian(params, x_t, h_prev)`` is d(state')/d(state) of one step, states stacked in
     declaration order, per batch row: complex steps of the hand-written step."""
@@ -483,25 +501,22 @@ def test_dense_state_jacobian_matches_complex_step(name: str) -> None:
         np.testing.assert_allclose(J[:, :, col], want, rtol=1e-11, atol=1e-13)
 
 
-def test_parameter_jacobian_matches_complex_step() -> None:
-    """``parameter_jacobian(..., 'Wg')`` of the vector gate is d h'_i / d Wg[j, k] (B, n, n, n),
-    and of the scalar bias of the scalar gate (B, n): complex steps of the hand-written step."""
-    cell = cached_builtin("vector_gate")
+@pytest.mark.parametrize(("name", "param"), [("vector_gate", "Wg"), ("vector_gate", "Ug"), ("scalar_gate", "c"),
+                                             ("scalar_gate", "ug"), ("bottleneck", "P"), ("bottleneck", "A")])
+def test_parameter_jacobian_matches_complex_step(name: str, param: str) -> None:
+    """``parameter_jacobian(..., param)`` is d h'_i / d param[j...] of one step, (B, n, *shape):
+    a square and a rectangular matrix, a scalar, a one-row matrix, a one-column matrix and a
+    matrix into a dimension of its own, each against complex steps of the hand-written step."""
+    cell = _cell(name)
     p, x, h0 = _problem(cell, 14, T=1)
-    Jp = sg.reference_kernel(cell).parameter_jacobian(p, x[0], h0, "Wg")
-    assert Jp.shape == (4, 3, 3, 3)
-    for j, kk in np.ndindex(3, 3):
-        pc = {k: v.astype(complex) for k, v in p.items()}
-        pc["Wg"][j, kk] += 1j * H
-        want = np.imag(_vector_gate(pc, x[0], h0)[0]["h"]) / H
-        np.testing.assert_allclose(Jp[:, :, j, kk], want, rtol=1e-11, atol=1e-13)
-    sc = cached_builtin("scalar_gate")
-    p, x, h0 = _problem(sc, 15, T=1)
-    Jc = np.asarray(sg.reference_kernel(sc).parameter_jacobian(p, x[0], h0, "c"))
-    pc = {k: v.astype(complex) for k, v in p.items()}
-    pc["c"] = pc["c"] + 1j * H
-    want = np.imag(_scalar_gate(pc, x[0], h0)[0]["h"]) / H
-    np.testing.assert_allclose(Jc.reshape(want.shape), want, rtol=1e-11, atol=1e-13)
+    Jp = np.asarray(sg.reference_kernel(cell).parameter_jacobian(p, x[0], h0, param))
+    shape = np.shape(p[param])
+    assert Jp.shape == (4, 3, *shape)
+    for idx in np.ndindex(*shape):
+        pc = {k: np.array(v, dtype=complex) for k, v in p.items()}
+        pc[param][idx] += 1j * H
+        want = np.imag(HAND[name](pc, x[0], h0)[0]["h"]) / H
+        np.testing.assert_allclose(Jp[(slice(None), slice(None), *idx)], want, rtol=1e-11, atol=1e-13)
 
 
 def test_step_values_are_the_first_step() -> None:
