@@ -175,8 +175,7 @@ class Term:
             return self.coefficient * OneMatrix(dim_symbol(self.rows), dim_symbol(self.cols))
         if self.factors[0].rows != self.rows:  # scalar broadcast at the front: a column of ones
             mats.insert(0, OneMatrix(dim_symbol(self.rows), sympy.S.One))
-        if self.factors[-1].cols != self.cols:
-            mats.append(OneMatrix(sympy.S.One, dim_symbol(self.cols)))
+        # (a chain ends with the target's dimension: a broadcast after other factors is kept, as [1])
         if self.coefficient != 1:
             mats.insert(0, self.coefficient)
         return mats[0] if len(mats) == 1 else sympy.MatMul(*mats)
@@ -436,8 +435,6 @@ class StructuredJacobian:
                 acc = acc[None]
             if t.factors and t.factors[0].rows != t.rows:  # a dimension-1 factor broadcast over rows
                 acc = np.broadcast_to(acc, (acc.shape[0], r, acc.shape[2]))
-            if t.factors and t.factors[-1].cols != t.cols:
-                acc = np.broadcast_to(acc, (acc.shape[0], acc.shape[1], c))
             out += coeff * acc
         return out
 
