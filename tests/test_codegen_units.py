@@ -185,6 +185,21 @@ def test_scalar_parameter_gate_plan() -> None:
     assert plan.input_products_in_loop() is False
 
 
+def test_a_step_reading_everything_available_is_scheduled() -> None:
+    """h' = h*x: no parameter, no product; the one step reads every available value (x and h) and
+    is still ready: one loop of one node, the input read elementwise, nothing stored for BPTT."""
+
+    @sg.cell
+    def product(h: sg.State("n"), x: sg.Input("n")):
+        return h * x
+
+    plan = cell_plan(product)
+    assert plan.static_ops == [] and plan.groups == []
+    assert _ops(plan.dynamic_ops) == [("loop", ["h'"], "n")]
+    assert plan.needed == set() and plan.x_elementwise() is True
+    assert sorted(structural_decisions(plan)) == [("fused_loop", "step0", False), ("input_elementwise", "", True)]
+
+
 def test_cell_plan_is_made_once_per_cell() -> None:
     cell = feature_cell("fc_xgate")
     assert cell_plan(cell) is cell_plan(cell)
@@ -223,6 +238,15 @@ def test_content_hash_is_the_sha256_of_the_source_before_it_is_stamped() -> None
     assert hashlib.sha256(pending.encode()).hexdigest() == g64.content_hash
     assert f'CONTENT_HASH = "{g64.content_hash}"' in g64.source
     assert generate(feature_cell("fc_xgate"), "float64").source == g64.source
+
+
+def test_header_carries_the_equations_and_the_jacobian() -> None:
+    """The generated module's header: the cell's update equations and its derived state Jacobian."""
+    cell = feature_cell("fc_xgate")
+    head = generate(cell, "float64").source.split("\ncdef ", 1)[0].splitlines()
+    comments = [ln[4:] for ln in head if ln.startswith("#   ")]
+    eqs, jac = list(cell.update_equations()), sg.jacobian(cell).describe().splitlines()
+    assert eqs and jac and comments == eqs + jac
 
 
 def test_matrix_products_of_the_static_chain_typed_by_hand() -> None:
