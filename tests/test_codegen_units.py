@@ -200,6 +200,33 @@ def test_a_step_reading_everything_available_is_scheduled() -> None:
     assert sorted(structural_decisions(plan)) == [("fused_loop", "step0", False), ("input_elementwise", "", True)]
 
 
+def test_shared_adjoints_pair_groups_member_by_member() -> None:
+    """A static group shares a dynamic group's buffer only member by member (same count, same rows),
+    and each dynamic buffer serves one static group: U x (with Ug x stacked after it) cannot share
+    W h's; of U x and U2 e, both read by the tanh only like W h, one shares it."""
+
+    @sg.cell
+    def stacked_first(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"), U: sg.Matrix("n", "m"),
+                      Ug: sg.Matrix("n", "m")):
+        phi = sg.tanh(W @ h + U @ x)
+        g = sg.sigmoid(Ug @ x)
+        return (1 - g) * h + g * phi
+
+    plan = cell_plan(stacked_first)
+    assert [(g.static, g.members) for g in plan.groups] == [(True, ("z_U", "z_Ug")), (False, ("z_W",))]
+    assert plan.shared_adjoint == {}
+
+    @sg.cell
+    def two_static(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"), U: sg.Matrix("n", "m"),
+                   U2: sg.Matrix("n", "n"), b: sg.Vector("n")):
+        e = sg.tanh(b)
+        return sg.tanh(W @ h + U @ x + U2 @ e)
+
+    plan = cell_plan(two_static)
+    assert sorted(g.source for g in plan.static_groups) == ["e", "x"]
+    assert len(plan.shared_adjoint) == 1 and list(plan.shared_adjoint.values())[0].index == 0
+
+
 def test_cell_plan_is_made_once_per_cell() -> None:
     cell = feature_cell("fc_xgate")
     assert cell_plan(cell) is cell_plan(cell)
