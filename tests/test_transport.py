@@ -516,7 +516,7 @@ def input_gate_problem():
     x = rng.standard_normal((T, B, m))
     # rates g = x[..., 0]: 1 (no leak), 0 (no write), negative (write < 0), > 1 (leak < 0)
     x[:, 0, 0] = [0.5, 1.0, 1.5, -0.5, 0.25, 2.0, 0.75]
-    x[:, 1, 0] = [0.0, 0.3, -1.0, 1.25, 1.0, 0.6, 1.5]
+    x[:, 1, 0] = [0.3, 0.6, 0.0, 1.25, 1.0, -1.0, 1.5]  # (a leak at step 1 never enters a window)
     return p, x, {"h": rng.standard_normal((B, n))}
 
 
@@ -875,8 +875,8 @@ def brute_per_lag(pr: Problem, cot: np.ndarray, param: str, L: int, eps: float =
     return out
 
 
-@pytest.mark.parametrize("name,param", [("vector_gate", "W"), ("vector_gate", "b"), ("scalar_gate", "wg"),
-                                        ("scalar_gate", "c")])
+@pytest.mark.parametrize("name,param", [("vector_gate", "W"), ("vector_gate", "U"), ("vector_gate", "b"),
+                                        ("scalar_gate", "wg"), ("scalar_gate", "c")])
 def test_per_lag_gradients_brute_force(name: str, param: str) -> None:
     """Exact lag-ell contributions from our own Jacobians and complex-step parameter Jacobians; lags
     beyond T - 1 are zero; with eps the coupling part is scaled (coupling split: A = leak)."""
@@ -1128,3 +1128,36 @@ def test_step_values_column_matrix_and_first_order() -> None:
         for ell in range(0, min(3, t - 1) + 1):
             want = mu.mu[t - 1, ell] * ratio[t - ell:t].sum(axis=0)
             np.testing.assert_allclose(mu.first_order[t - 1, ell], want, rtol=1e-11, atol=1e-14)
+
+
+@sg.cell
+def hidden_layer(h: sg.State("n"), x: sg.Input("m"), Wk: sg.Matrix("k", "n"), W2: sg.Matrix("n", "k"),
+                 U: sg.Matrix("n", "m")):
+    """A leaky cell with a hidden layer of its own size k (known only from a node)."""
+    u = sg.tanh(Wk @ h)
+    return 0.5 * h + 0.5 * sg.tanh(W2 @ u + U @ x)
+
+
+def test_jacobian_products_with_a_hidden_dimension() -> None:
+    """The state Jacobian through a hidden layer of size k (neither a state, an input nor 1):
+    A + B is the complex-step Jacobian of the same equations (rtol: a few roundings)."""
+    rng = np.random.default_rng(71)
+    n, k, m, B, T = 3, 5, 2, 4, 3
+    p = {"Wk": 0.5 * rng.standard_normal((k, n)), "W2": 0.5 * rng.standard_normal((n, k)), "U": rng.standard_normal((n, m))}
+    x = rng.standard_normal((T, B, m))
+    h0 = rng.standard_normal((B, n))
+
+    def step(h, xt):
+        return 0.5 * h + 0.5 * np.tanh(np.tanh(h @ p["Wk"].T) @ p["W2"].T + xt @ p["U"].T)
+
+    jp = sg.JacobianProducts(hidden_layer, p, x, {"h": h0}, split="coupling")
+    h = h0
+    for t in range(T):
+        J = np.empty((B, n, n))
+        for q in range(n):
+            z = h.astype(complex)
+            z[:, q] += 1j * CS
+            J[:, :, q] = step(z, x[t]).imag / CS
+        np.testing.assert_allclose(jp.A[t] + jp.B[t], J, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(jp.A[t], np.broadcast_to(0.5 * np.eye(n), (B, n, n)), rtol=0, atol=0)
+        h = step(h, x[t])
