@@ -501,7 +501,8 @@ class ReferenceKernel:
         def tangent_of_step(st: _Step, vals: Mapping[str, Any], tan: dict[str, Any]) -> Any:
             if st.kind == "linear":
                 src = st.source
-                return matmul(_column(tan.get(src, zero)), params[st.matrix].T) + matmul(_column(vals[src]), tp[st.matrix].T)  # type: ignore[index]
+                return (matmul(_column(tan.get(src, zero)), params[st.matrix].T)  # type: ignore[index]
+                        + matmul(_column(vals[src]), tp[st.matrix].T))  # type: ignore[index]
             acc: Any = zero
             for sname, _sdim, fn, names in st.partials:
                 ts = tan.get(sname)
