@@ -187,7 +187,7 @@ def test_directional_is_the_inner_product_and_its_absolute_sum() -> None:
 def test_rel_is_the_largest_difference_relative_to_max_one_and_the_reference() -> None:
     """Matrix comparisons are relative to ``max(1, max|ref|)``."""
     assert _battery._rel(np.array([1.0, 2.0]), np.array([1.5, -4.0])) == 6.0 / 4.0
-    assert _battery._rel(np.array([[0.1, 0.0]]), np.array([[0.3, 0.05]])) == pytest.approx(0.2, rel=1e-15)
+    assert _battery._rel(np.array([[0.1, 0.0]]), np.array([[0.3, 0.05]])) == pytest.approx(0.2, rel=1e-15, abs=0)
     assert _battery._rel(np.array(3.0), np.array(3.0)) == 0.0
 
 
@@ -446,7 +446,7 @@ def test_check_result_passes_up_to_its_tolerance() -> None:
 
 
 def test_check_result_ratio() -> None:
-    assert CheckResult("adjoint", 3e-3, 1e-3).ratio == pytest.approx(3.0, rel=1e-15)
+    assert CheckResult("adjoint", 3e-3, 1e-3).ratio == pytest.approx(3.0, rel=1e-15, abs=0)
     assert CheckResult("adjoint", 0.0, 1e-3).ratio == 0.0
     assert CheckResult("adjoint", float("nan"), 1e-3).ratio == np.inf
     assert CheckResult("adjoint", float("inf"), 1e-3).ratio == np.inf
@@ -552,9 +552,10 @@ def test_every_check_reports_its_documented_tolerance(compiled_leaky: None) -> N
                   "mpmath": 64 * EPS, "float32": 64 * 5 * EPS32, "batch": tol_round(4), "compiled": tol_round(4)}
     table = dict(_battery.CHECKS, **_battery.COMPILED_CHECKS)
     assert set(table) == set(documented)
+    # abs=0: pytest.approx's default absolute margin (1e-12) exceeds these tolerances themselves
     for name, check in table.items():
         r = check(prob, backend="compiled")
-        assert r.check == name and r.tolerance == pytest.approx(documented[name], rel=1e-12), name
+        assert r.check == name and r.tolerance == pytest.approx(documented[name], rel=1e-12, abs=0), name
         assert r.passed and r.detail.endswith(prob.describe()), r.detail
 
 
@@ -632,7 +633,7 @@ def test_jacobian_check_error_is_relative_to_max_one_and_the_jacobian(part: str,
             r = _battery.check_jacobian(prob)
         # triangle inequality (the pinned tests' bound): the defect-free error, the rounding of the bumped
         # entry (8 eps) and the defect's move of the scale (at most k TOL_FD < 1e-3 k of it)
-        assert r.tolerance == pytest.approx(TOL_FD, rel=1e-12)
+        assert r.tolerance == pytest.approx(TOL_FD, rel=1e-12, abs=0)
         assert abs(r.error / TOL_FD - k) <= base.error / TOL_FD + 8 * EPS / TOL_FD + 1e-3 * k, r.detail
         assert r.passed == (k < 1)
         if k > 1:
@@ -664,7 +665,7 @@ def test_bptt_fd_check_steps_the_largest_entry_by_the_documented_step(scale_x: f
         # the step from a least-squares fit of (v + s d) - v against d: relative error ~ eps / s
         for got, base, d in [*((params[k], prob.params[k], dp[k]) for k in dp), (h0["h"], prob.h0["h"], dh["h"]), (x, prob.x, dx)]:
             fitted = float(np.sum((got - base) * d) / np.sum(d * d))
-            assert fitted == pytest.approx(sign * s, rel=1e-8)
+            assert fitted == pytest.approx(sign * s, rel=1e-8, abs=0)
 
 
 def test_bptt_fd_check_scale_counts_the_loss_value(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -691,7 +692,7 @@ def test_bptt_fd_check_scale_counts_the_loss_value(monkeypatch: pytest.MonkeyPat
         assert box["dominates"]
         # triangle inequality: within the defect-free error, plus the defect's move of the scale (1e-3 k)
         # and the rounding of the shifted sum (a few eps of the scale: eps / TOL_FD ~ 1e-7)
-        assert r.tolerance == pytest.approx(TOL_FD, rel=1e-12)
+        assert r.tolerance == pytest.approx(TOL_FD, rel=1e-12, abs=0)
         assert abs(r.error / TOL_FD - k) <= base.error / TOL_FD + 1e-3 * k + 1e-6
 
 
@@ -743,7 +744,7 @@ def test_bptt_cs_check_scale_is_the_readout_where_the_loss_is_stationary(loss: s
             Kernels(mp, edits={F64: {"backward": edit}}, direction=lambda dp, dh, dx: box.setdefault("d", (dp, dh, dx)))
             r = _battery.check_bptt_complex_step(prob, loss)
         assert box["ratio"] < 1e-6  # the contributions have cancelled
-        assert r.tolerance == pytest.approx(tol, rel=1e-12)
+        assert r.tolerance == pytest.approx(tol, rel=1e-12, abs=0)
         assert abs(r.error / tol - k) <= base.error / tol + 8 * EPS / tol + 1e-3 * k, r.detail
         assert r.passed == (k < 1)
 
@@ -778,7 +779,7 @@ def test_adjoint_check_scale_counts_the_forward_mode_terms(monkeypatch: pytest.M
             Kernels(mp, edits={F64: {"vjp": edit}}, direction=record)
             r = _battery.check_adjoint(prob)
         assert box["ratio"] > 3  # the forward-mode terms are the larger scale (6.7x here)
-        assert r.tolerance == pytest.approx(tol, rel=1e-12)
+        assert r.tolerance == pytest.approx(tol, rel=1e-12, abs=0)
         assert abs(r.error / tol - k) <= base.error / tol + 8 * EPS / tol + 1e-3 * k, r.detail
         assert r.passed == (k < 1)
 
