@@ -1043,3 +1043,20 @@ def test_cached_derivation_objects_are_immutable() -> None:
         field = dataclasses.fields(obj)[0].name
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(obj, field, None)
+
+
+def test_parameter_jacobian_of_a_matrix_applied_to_a_parameter_vector() -> None:
+    """zb = M bv with bv a Vector parameter (values (n,), not (B, n)): d h'/d M of reparam's
+    update (1 - a) h + a e phi, phi = tanh(w h + U x + M bv), equals complex-step derivatives."""
+    params, x, h = _problem(reparam, 5)
+
+    def update(p: dict) -> np.ndarray:
+        a = _np_sigmoid(p["theta"])
+        phi = np.tanh(p["w"] * h + x @ p["U"].T + p["M"] @ p["bv"])
+        return (1 - a) * h + a * np.exp(0.3) * phi
+
+    kern = sg.ReferenceKernel(reparam)
+    for name in ("M", "bv", "theta"):
+        got = kern.parameter_jacobian(params, x, h, name)
+        want = _complex_step(lambda v, name=name: update({**params, name: v}), params[name])
+        np.testing.assert_allclose(got, want, rtol=0, atol=TOL, err_msg=name)
