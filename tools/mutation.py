@@ -586,6 +586,9 @@ def load_equivalents(folder: Path, modules: Iterable[str]) -> dict[str, list[Equ
             for line in block.splitlines():
                 if line.strip() and not line.lstrip().startswith("#"):
                     key, _, value = line.partition(":")
+                    if key.strip() in fields:
+                        raise SystemExit(f"{path}: {key.strip()!r} twice in one entry (entries are separated "
+                                         f"by a blank line): {block!r}")
                     fields[key.strip()] = value.strip()
             if not fields:
                 continue
