@@ -119,7 +119,24 @@ def named_scalar_np(p: dict, x: np.ndarray, h: np.ndarray) -> np.ndarray:
     return a * (np.tanh(x @ p["U"].T) + q + p["k"])
 
 
+@sg.cell
+def chained(h: State("n"), x: Input("m"), W1: MatrixSpec("k", "n"), W2: MatrixSpec("n", "k"),
+            U1: MatrixSpec("k", "m"), U2: MatrixSpec("n", "k"), Wg: MatrixSpec("n", "n"),
+            V1: MatrixSpec("k", "n"), V2: MatrixSpec("n", "k")):
+    # Linear nodes reading Linear nodes: a chain of two matrices ending at the state (W2 W1), at
+    # the input (U2 U1) and at a gate node (V2 V1 diag(g(1-g)) Wg)
+    g = sigmoid(Wg @ h)
+    return 0.5 * tanh(W2 @ (W1 @ h) + U2 @ (U1 @ x)) + 0.5 * (V2 @ (V1 @ g))
+
+
+def chained_np(p: dict, x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    g = _np_sigmoid(h @ p["Wg"].T)
+    inner = h @ p["W1"].T @ p["W2"].T + x @ p["U1"].T @ p["U2"].T
+    return 0.5 * np.tanh(inner) + 0.5 * (g @ p["V1"].T @ p["V2"].T)
+
+
 CELLS: dict[str, tuple[sg.Cell, Callable]] = {
+    "chained": (chained, chained_np),
     "colmix": (colmix, colmix_np),
     "matfirst": (matfirst, matfirst_np),
     "densecol": (densecol, densecol_np),
@@ -127,11 +144,12 @@ CELLS: dict[str, tuple[sg.Cell, Callable]] = {
     "named_scalar": (named_scalar, named_scalar_np),
 }
 N, M, B = 3, 2, 2
+K = 4  # the inner width of the chained cell's matrix products (distinct from n and m)
 
 
 def _problem(cell: sg.Cell, seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    size = {"n": N, "m": M, 1: 1}
+    size = {"n": N, "m": M, "k": K, 1: 1}
     params = {p.name: np.asarray(rng.uniform(-0.9, 0.9, tuple(size[d] for d in p.shape))) for p in cell.params}
     return params, rng.uniform(-1, 1, (B, M)), rng.uniform(-0.9, 0.9, (B, N))
 
@@ -184,7 +202,7 @@ def test_dense_parameter_jacobians_match_complex_step(name: str) -> None:
         np.testing.assert_allclose(got, want, rtol=0, atol=TOL, err_msg=p.name)
 
 
-def _explicit_sympy_update(name: str, n: int, m: int) -> tuple[Matrix, Matrix]:
+def _explicit_sympy_update(name: str, n: int, m: int, k: int = 3) -> tuple[Matrix, Matrix]:
     """The update typed by hand with SymPy matrices, and the column of the state entries."""
     h = Matrix(MatrixSymbol("h", n, 1))
     x = Matrix(MatrixSymbol("x", m, 1))
@@ -208,6 +226,10 @@ def _explicit_sympy_update(name: str, n: int, m: int) -> tuple[Matrix, Matrix]:
     elif name == "densecol":
         q = sig((mat("wg", 1, n) * h)[0, 0])
         out = (mat("W", n, n) * (h * q) + mat("U", n, m) * x).applyfunc(sympy.tanh)
+    elif name == "chained":
+        g = (mat("Wg", n, n) * h).applyfunc(sig)
+        inner = mat("W2", n, k) * (mat("W1", k, n) * h) + mat("U2", n, k) * (mat("U1", k, m) * x)
+        out = sympy.Rational(1, 2) * inner.applyfunc(sympy.tanh) + sympy.Rational(1, 2) * (mat("V2", n, k) * (mat("V1", k, n) * g))
     elif name == "named_scalar":
         a = (mat("V", n, n) * h).applyfunc(sig)
         q = sig((mat("wg", 1, n) * h)[0, 0])
@@ -236,12 +258,13 @@ def _numeric(expr: Matrix, seed: int, fixed: dict[str, float]) -> np.ndarray:
 
 @pytest.mark.parametrize("name", list(CELLS))
 def test_symbolic_jacobian_made_explicit_matches_sympy(name: str) -> None:
-    """as_explicit(inline=True) equals SymPy's Jacobian of the hand-typed update (n=2, m=1)."""
+    """as_explicit(inline=True) equals SymPy's Jacobian of the hand-typed update (n=2, m=1, k=3)."""
     cell, _ = CELLS[name]
-    n, m = 2, 1
-    out, h = _explicit_sympy_update(name, n, m)
+    n, m, k = 2, 1, 3
+    out, h = _explicit_sympy_update(name, n, m, k)
     want = _flat(out.jacobian(h))
-    got = _flat(sg.jacobian(cell).as_explicit({"n": n, "m": m}, inline=True, cell=cell))
+    sizes = {"n": n, "m": m, "k": k} if name == "chained" else {"n": n, "m": m}
+    got = _flat(sg.jacobian(cell).as_explicit(sizes, inline=True, cell=cell))
     assert got.shape == want.shape == (n, n)
     # at one random point (a wrong or missing term is O(0.1) there with probability 1): values of a
     # dozen O(1) products, 1e-12 of rounding at most

@@ -613,6 +613,17 @@ class _Path:
 _Key = tuple  # (Owner, bool, frozenset[UnitSymbol])
 
 
+def _linear_chain(cell: Cell, nd: Any, targets: frozenset) -> tuple[tuple[Any, ...], Any]:
+    """The Linear nodes a hop into ``nd`` passes through: ``nd``, then its source while that is
+    another Linear node (``U2 @ (U1 @ x)``) and not a target; and the symbol the chain reads."""
+    chain = [nd]
+    src = nd.source
+    while src not in targets and cell.node(src) is not None and cell.node(src).kind == "linear":
+        chain.append(cell.node(src))
+        src = chain[-1].source
+    return tuple(chain), src
+
+
 def _hops(lp: LocalPartials, key: _Key) -> Iterable[tuple[UnitSymbol, sympy.Expr, Any, Any]]:
     """The hops out of a walk state: ``(symbol, partial, node, child)`` with ``child`` the
     walk state the path continues in, or None when the hop reaches a target (directly,
@@ -627,7 +638,7 @@ def _hops(lp: LocalPartials, key: _Key) -> Iterable[tuple[UnitSymbol, sympy.Expr
         if nd is None:
             continue  # a leaf that is not a target
         if nd.kind == "linear":
-            src = nd.source
+            _, src = _linear_chain(cell, nd, targets)
             if src in targets:
                 yield sym, partial, nd, None
                 continue
@@ -687,7 +698,7 @@ def _walk(lp: LocalPartials, owner: Owner, targets: frozenset[UnitSymbol], memo:
 
 def _paths_of(lp: LocalPartials, key: _Key, paths_memo: dict) -> list[_Path]:
     """The paths of one walk state, from the paths of the states it continues in."""
-    owner, top, _ = key
+    owner, top, targets = key
     cell = lp.cell
     owner_dim = lp.dim[owner]
     owner_node = cell.node(owner.symbol) if owner.symbol is not None else None
@@ -702,15 +713,14 @@ def _paths_of(lp: LocalPartials, key: _Key, paths_memo: dict) -> list[_Path]:
             paths.append(_Path((f,), (), (owner_is_gate,) if weighted else ()))
             continue
         if nd.kind == "linear":
-            src = nd.source
-            src_node = cell.node(src)
-            src_dim = src_node.dim if src_node is not None else cell.leaf(src).dim  # type: ignore[union-attr]
-            mat = Factor("matrix", nd.dim, src_dim, matrix=nd.matrix)
+            chain, src = _linear_chain(cell, nd, targets)
+            mats = tuple(Factor("matrix", c.dim, _dim_of(cell, c.source), matrix=c.matrix) for c in chain)
+            names = tuple(c.name for c in chain)
             if child is None:
-                paths.append(_Path((f, mat), (nd.name,), (owner_is_gate,)))
+                paths.append(_Path((f,) + mats, names, (owner_is_gate,)))
                 continue
             for rest in paths_memo[child]:
-                paths.append(_Path((f, mat) + rest.factors, (nd.name, src_node.name) + rest.nodes,  # type: ignore[union-attr]
+                paths.append(_Path((f,) + mats + rest.factors, names + (cell.node(src).name,) + rest.nodes,
                                    (owner_is_gate,) + rest.entries))
             continue
         for rest in paths_memo[child]:
@@ -721,6 +731,12 @@ def _paths_of(lp: LocalPartials, key: _Key, paths_memo: dict) -> list[_Path]:
                 entries = (True,) + entries[1:]
             paths.append(_Path((f,) + rest.factors, (nd.name,) + rest.nodes, entries))
     return paths
+
+
+def _dim_of(cell: Cell, sym: Any) -> Dim:
+    """The dimension of a node's or a leaf's values."""
+    node = cell.node(sym)
+    return node.dim if node is not None else cell.leaf(sym).dim  # type: ignore[union-attr]
 
 
 def _origin(p: _Path) -> str:
