@@ -971,6 +971,8 @@ def test_lag_weighted_gradients_formula(name: str, param: str) -> None:
     got = sg.lag_weighted_gradients(pr.cell, pr.p, pr.x, pr.h0, cot, param, L)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-14 * np.abs(want).max())
+    short = sg.lag_weighted_gradients(pr.cell, pr.p, pr.x, pr.h0, cot, param, 2)  # fewer lags than steps
+    np.testing.assert_allclose(short, want[:3], rtol=1e-11, atol=1e-14 * np.abs(want).max())
     # with a precomputed mu (another convention: the retention alone), that mu is used
     mu_f = sg.effective_lrs(pr.cell, pr.p, pr.x, pr.h0, param=param, max_lag=L, convention="followup")
     got_f = sg.lag_weighted_gradients(pr.cell, pr.p, pr.x, pr.h0, cot, param, L, mu=mu_f)
