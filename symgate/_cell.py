@@ -667,7 +667,11 @@ class MatVar:
             )
         b = self._b
         src = v.expr
-        if not (isinstance(src, UnitSymbol) and (src in b.by_symbol or src in b.leaves)):
+        reads_rows = isinstance(src, UnitSymbol) and (
+            src in b.by_symbol or (src in b.leaves and b.leaves[src].kind in ("state", "input")))
+        if not reads_rows:
+            # an expression, or a parameter or constant on its own (P @ c): a node of its own, so
+            # every Linear reads per-row values (a state, the input or a node)
             if src.is_number:
                 raise CellSpecError(f"{self.name} @ (constant) is not supported; use a Vector parameter instead")
             node = Node(name="", kind="arith", symbol=b.new_symbol(v.dim), dim=v.dim, expr=src)

@@ -40,6 +40,7 @@ POLICIES = {
 FAST_CASES = [(c, B, n, T, "default") for c in FAST_CELLS for B, n, T in FAST_SIZES] + [
     ("fc_functions", 9, 5, 3, "blas"), ("fc_reset", 5, 3, 3, "blas"), ("fc_static_gate", 5, 4, 3, "per_step"),
     ("fc_static_chain", 12, 3, 3, "whole"), ("fc_two_state", 9, 4, 3, "loops"), ("fc_scalar_node", 9, 4, 3, "blas"),
+    ("fc_param_product", 2, 3, 3, "default"), ("fc_param_product", 9, 3, 3, "default"),
 ]
 THOROUGH_CASES = [(c, B, n, T, "default") for c in sorted(FEATURES) for B, n, T in SIZES] + [
     (c, B, 4, 3, pol) for c in sorted(FEATURES) for B in (2, 9) for pol in ("blas", "loops", "per_step", "whole")]

@@ -204,10 +204,10 @@ def source_block(em: Emitter, nm: str, t: str) -> tuple[str, str]:
     p, lay = em.plan, em.layout
     d = lay.dim_code[p.dim_of[nm]]
     if p.kind_of.get(nm) == "input":
-        return f"c.X + {t}*c.B*c.{d}" if t != "0" else "c.X", f"c.{d}"
+        return f"c.X + {t}*c.B*{ctx_expr(d)}" if t != "0" else "c.X", ctx_expr(d)
     if p.kind_of.get(nm) == "state":
         k = p.states.index(nm)
-        return f"c.S{k} + {t}*c.B*c.{d}" if t != "0" else f"c.S{k}", f"c.{d}"
+        return f"c.S{k} + {t}*c.B*{ctx_expr(d)}" if t != "0" else f"c.S{k}", ctx_expr(d)
     if nm in p.group_of:
         g, off = lay.member_offset(nm)
         offc = "" if off == "0" else " + " + ctx_expr(off)
@@ -216,9 +216,9 @@ def source_block(em: Emitter, nm: str, t: str) -> tuple[str, str]:
         return (f"{base} + {t}*{step}{offc}" if t != "0" else f"{base}{offc}"), f"c.{lay.rows(g)}"
     if nm in lay.static_node_code:
         q = lay.static_node_code[nm]
-        return (f"c.{q} + {t}*c.B*c.{d}" if t != "0" else f"c.{q}"), f"c.{d}"
+        return (f"c.{q} + {t}*c.B*{ctx_expr(d)}" if t != "0" else f"c.{q}"), ctx_expr(d)
     q = lay.node_code[nm]
-    return (f"c.{q} + {t}*c.st{q}" if t != "0" else f"c.{q}"), f"c.{d}"
+    return (f"c.{q} + {t}*c.st{q}" if t != "0" else f"c.{q}"), ctx_expr(d)
 
 
 def tangent_block(em: Emitter, nm: str, t: str) -> tuple[str, str]:
@@ -227,10 +227,10 @@ def tangent_block(em: Emitter, nm: str, t: str) -> tuple[str, str]:
     d = lay.dim_code[p.dim_of[nm]]
     kind = p.kind_of.get(nm)
     if kind == "input":
-        return (f"c.TX + {t}*c.B*c.{d}" if t != "0" else "c.TX"), f"c.{d}"
+        return (f"c.TX + {t}*c.B*{ctx_expr(d)}" if t != "0" else "c.TX"), ctx_expr(d)
     if kind == "state":
         k = p.states.index(nm)
-        return f"c.TS{k} + {t}*c.B*c.{d}", f"c.{d}"
+        return f"c.TS{k} + {t}*c.B*{ctx_expr(d)}", ctx_expr(d)
     if nm in p.group_of:
         g, off = lay.member_offset(nm)
         offc = "" if off == "0" else " + " + ctx_expr(off)
@@ -239,8 +239,8 @@ def tangent_block(em: Emitter, nm: str, t: str) -> tuple[str, str]:
         return f"c.TZ{g.index}{offc}", f"c.R{g.index}"
     if nm in lay.static_node_code:
         q = lay.static_node_code[nm]
-        return (f"c.T{q} + {t}*c.B*c.{d}" if t != "0" else f"c.T{q}"), f"c.{d}"
-    return f"c.T{lay.node_code[nm]}", f"c.{d}"
+        return (f"c.T{q} + {t}*c.B*{ctx_expr(d)}" if t != "0" else f"c.T{q}"), ctx_expr(d)
+    return f"c.T{lay.node_code[nm]}", ctx_expr(d)
 
 
 def target_block(tgt: tuple[str, str, str, str], caller: dict[str, str]) -> tuple[str, str]:

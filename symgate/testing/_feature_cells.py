@@ -13,6 +13,7 @@ entry names the features it exercises:
   gates marked with ``as_gate``;
 * two states, Linear nodes reading gated states (``W (r*h)``), chains that start with a
   parameter matrix (``W (g*h)`` read directly by the update);
+* matrices applied to a parameter alone (``P @ c``, ``Q @ v``);
 * every elementwise function (tanh, sigmoid, exp, log, softplus) and arithmetic
   (division, powers), the input read elementwise (``x`` of the state's dimension).
 
@@ -186,6 +187,14 @@ def _static_gate_node() -> Cell:
     return _make("fc_static_gate", _std(W=Matrix("n", "n"), U=Matrix("n", "m"), Ug=Matrix("n", "m"), bg=Vector("n")), body)
 
 
+def _param_products() -> Cell:
+    def body(h, x, W, U, Pc, c, Pv, v):  # type: ignore[no-untyped-def]
+        # matrices applied to parameters alone: constant in time and over the batch
+        return 0.5 * h + 0.5 * tanh(W @ h + U @ x + Pc @ c + Pv @ v)
+    specs = _std(W=Matrix("n", "n"), U=Matrix("n", "m"), Pc=Matrix("n", 1), c=Scalar(), Pv=Matrix("n", "k"), v=Vector("k"))
+    return _make("fc_param_product", specs, body)
+
+
 #: name -> (builder, features it exercises)
 FEATURES: dict[str, tuple[Callable[[], Cell], tuple[str, ...]]] = {
     "fc_xgate": (_xgate, ("input-only weight in a gate",)),
@@ -206,6 +215,7 @@ FEATURES: dict[str, tuple[Callable[[], Cell], tuple[str, ...]]] = {
     "fc_shared_node": (_shared_node, ("node read by several owners", "named arithmetic node")),
     "fc_scalar_node": (_scalar_state_readout, ("scalar node broadcast over units",)),
     "fc_static_gate": (_static_gate_node, ("state-independent elementwise node read in the loop",)),
+    "fc_param_product": (_param_products, ("Linear reading a scalar or vector parameter alone",)),
 }
 
 
