@@ -151,6 +151,7 @@ class Mutant:
     replacement: str
     original_code: str
     mutated_code: str
+    scope: str = ""  # qualified name of the innermost function or class holding the change ("" at module level)
 
     @property
     def ident(self) -> str:
@@ -504,6 +505,29 @@ def _normalised(code: str) -> str:
     return ast.dump(ast.parse(code.strip()))
 
 
+def _scopes(tree: ast.Module) -> list[tuple[int, int, str]]:
+    """``(first line, last line, qualified name)`` of every function and class, outermost first."""
+    out: list[tuple[int, int, str]] = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}{child.name}"
+                out.append((child.lineno, child.end_lineno or child.lineno, name))
+                visit(child, name + ".")
+            else:
+                visit(child, prefix)
+
+    visit(tree, "")
+    return out
+
+
+def _scope_of(scopes: list[tuple[int, int, str]], line: int) -> str:
+    """The innermost function or class holding ``line``."""
+    inside = [(first, name) for first, last, name in scopes if first <= line <= last]
+    return max(inside)[1] if inside else ""
+
+
 def mutants_of_file(module: str, root: Path, relpath: str) -> list[Mutant]:
     """Every mutant of one file that changes its AST; duplicates dropped.
 
@@ -516,6 +540,7 @@ def mutants_of_file(module: str, root: Path, relpath: str) -> list[Mutant]:
     text_lines = source.decode().splitlines()
     pragma_lines = {i + 1 for i, line in enumerate(text_lines) if PRAGMA.search(line)}
     offsets = _line_offsets(source)
+    scopes = _scopes(tree)
     seen: set[tuple[int, int, str]] = set()
     mutants = []
     for node, kind, new in _MutantFinder(tree, pragma_lines).find():
@@ -528,7 +553,8 @@ def mutants_of_file(module: str, root: Path, relpath: str) -> list[Mutant]:
             continue
         seen.add((start, end, replacement))
         before, after = _display(source, offsets, start, end, replacement)
-        mutants.append(Mutant(module, relpath, node.lineno, kind, start, end, replacement, before, after))
+        mutants.append(Mutant(module, relpath, node.lineno, kind, start, end, replacement, before, after,
+                              _scope_of(scopes, node.lineno)))
     return mutants
 
 
@@ -567,15 +593,18 @@ class Equivalent:
     before: str
     after: str
     why: str
+    scope: str | None = None  # ``in:``: the function or class it is in, where the same line occurs elsewhere
 
     def matches(self, mutant: Mutant) -> bool:
-        return (mutant.path, mutant.original_code, mutant.mutated_code) == (self.path, self.before, self.after)
+        same = (mutant.path, mutant.original_code, mutant.mutated_code) == (self.path, self.before, self.after)
+        return same and (self.scope is None or mutant.scope == self.scope)
 
 
 def load_equivalents(folder: Path, modules: Iterable[str]) -> dict[str, list[Equivalent]]:
     """The equivalent mutants of each group, from ``<folder>/<group>.txt``: blocks of four lines
     ``path:``, ``before:``, ``after:`` (the whitespace-collapsed lines of the report) and ``why:``,
-    separated by blank lines; ``#`` starts a comment line."""
+    and optionally ``in:`` (the qualified name of the function or class holding the line, for a
+    line whose text occurs in several places), separated by blank lines; ``#`` starts a comment line."""
     found: dict[str, list[Equivalent]] = {}
     for module in modules:
         path = folder / f"{module}.txt"
@@ -592,9 +621,9 @@ def load_equivalents(folder: Path, modules: Iterable[str]) -> dict[str, list[Equ
                     fields[key.strip()] = value.strip()
             if not fields:
                 continue
-            if set(fields) != {"path", "before", "after", "why"} or not fields["why"]:
-                raise SystemExit(f"{path}: each entry needs path, before, after and why: {block!r}")
-            entries.append(Equivalent(fields["path"], fields["before"], fields["after"], fields["why"]))
+            if set(fields) - {"in"} != {"path", "before", "after", "why"} or not fields["why"]:
+                raise SystemExit(f"{path}: each entry needs path, before, after and why (and may name in): {block!r}")
+            entries.append(Equivalent(fields["path"], fields["before"], fields["after"], fields["why"], fields.get("in")))
         found[module] = entries
     return found
 
@@ -980,7 +1009,7 @@ def print_survivors(mutants: Sequence[Mutant], outcomes: dict[str, Outcome]) -> 
             continue
         print(f"\n{status} ({len(chosen)}):")
         for m in chosen:
-            print(f"  {m.path}:{m.line}  [{m.kind}]")
+            print(f"  {m.path}:{m.line}  [{m.kind}]  in {m.scope or '(module)'}")
             print(f"    - {m.original_code[:160]}")
             print(f"    + {m.mutated_code[:160]}")
             if outcomes[m.ident].detail:
@@ -999,7 +1028,9 @@ def list_population(files: dict[str, list[str]], population: dict[str, list[Muta
         print("   " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
         for m in mutants if verbose else sample[module]:
             mark = "*" if m.ident in chosen else " "
-            print(f" {mark} {m.path}:{m.line} [{m.kind}]  {m.original_code[:70]!s}  ->  {m.mutated_code[:70]}")
+            width = None if verbose else 70
+            print(f" {mark} {m.path}:{m.line} [{m.kind}] in {m.scope or '(module)'}  {m.original_code[:width]!s}  ->  "
+                  f"{m.mutated_code[:width]}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -1076,6 +1107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("timeout per mutant: " + ", ".join(f"{m} {t:.0f} s" for m, t in timeouts.items()))
         order = interleave(sample)
         equivalents = load_equivalents(EQUIVALENT_DIR, args.modules)
+        for module, entries in equivalents.items():
+            for entry in entries:
+                if not any(entry.matches(m) for m in population[module]):
+                    print(f"warning: equivalent-mutant entry matches no mutant of {module} (stale?): "
+                          f"{entry.path}: {entry.before[:80]}")
         reasons = {m.ident: equivalent_reason(m, equivalents) for m in order}
         outcomes = {ident: Outcome("equivalent", 0.0, why) for ident, why in reasons.items() if why}
         print(f"equivalent (listed in {EQUIVALENT_DIR.relative_to(REPO)}, not run): {len(outcomes)}")
