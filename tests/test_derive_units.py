@@ -667,8 +667,13 @@ def test_time_constant_and_trainable_symbols() -> None:
     trainable (with the vector and scalar parameters); constants never are."""
     from symgate._derive._local import time_constant_nodes, trainable_symbols
 
-    assert {s.name for s in time_constant_nodes(reparam)} == {"a", "e", "zb"}
-    assert {s.name for s in trainable_symbols(reparam)} == {"theta", "bv", "w", "a", "zb"}
+    # M @ bv reads bv through a node of its own (every Linear reads per-row values): that node
+    # is time-constant and trainable like zb
+    (zb,) = [nd for nd in reparam.nodes if nd.name == "zb"]
+    bv_node = reparam.node(zb.source)
+    assert bv_node is not None and bv_node.expr == reparam.symbols["bv"]
+    assert {s.name for s in time_constant_nodes(reparam)} == {"a", "e", "zb", bv_node.name}
+    assert {s.name for s in trainable_symbols(reparam)} == {"theta", "bv", "w", "a", "zb", bv_node.name}
     assert time_constant_nodes(reparam) is time_constant_nodes(reparam)
     assert trainable_symbols(reparam) is trainable_symbols(reparam)
 
