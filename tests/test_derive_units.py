@@ -1088,3 +1088,97 @@ def test_parameter_jacobian_of_a_matrix_applied_to_a_parameter_vector() -> None:
         got = kern.parameter_jacobian(params, x, h, name)
         want = _complex_step(lambda v, name=name: update({**params, name: v}), params[name])
         np.testing.assert_allclose(got, want, rtol=0, atol=TOL, err_msg=name)
+
+
+# ----------------------------------------------------------------------------
+# the time-indexed forms of an expansion; equality of terms; the order of a sum's terms
+# ----------------------------------------------------------------------------
+
+
+def test_expansion_of_the_scalar_gate_indexes_every_per_unit_quantity_by_step() -> None:
+    """Appendix split of the scalar gate (paper-notes §4): A_j = (1 - g_j) I + g_j diag(1 - phi_j^2) W
+    and B_i = g_i (1 - g_i) [phi_i - h_{i-1}] wg, the scalar gate g in the coefficients indexed like
+    the per-unit quantities inside diag(.) and [.] (the state at the previous step), the parameters W,
+    wg unindexed; F0 and L print these forms (the text str(expansion) shows, typed by hand)."""
+    ex = sg.expansion(sg.cells.scalar_gate(bias=False), "appendix")
+    a_text = "(1 - g[j])*I + g[j]*diag(1 - phi[j]**2)*W"
+    b_text = "((1 - g[i])*g[i])*[-h[i - 1] + phi[i]]*wg"
+    assert sympy.sstr(ex.A_j) == a_text and sympy.sstr(ex.B_i) == b_text
+    lines = str(ex).splitlines()
+    assert lines[-2] == f"  F0 = Prod[j=t..-ell + t + 1]({a_text})"
+    assert lines[-1] == (f"  L  = Sum[i=-ell + t + 1..t](Prod[j=t..i + 1]({a_text})*({b_text})"
+                         f"*Prod[j=i - 1..-ell + t + 1]({a_text}))")
+    # no per-unit quantity is left unindexed (the coefficient's scalar gate included)
+    from symgate._cell import UnitSymbol
+
+    for e in (ex.A_j, ex.B_i):
+        assert not [s for s in e.free_symbols if isinstance(s, UnitSymbol)]
+
+
+def test_terms_and_factors_compare_by_their_symbolic_content() -> None:
+    """Equality, hashing and repr of terms and factors are those of the chain as printed: the scalar
+    gate with and without bias has the same three chains, whose stable numeric forms differ (they
+    are written in the nodes' arguments, c + z_wg + z_ug vs z_wg + z_ug); a term typed from its
+    symbolic fields alone equals the derived one and evaluates its coefficient as typed."""
+    from symgate._derive import Factor, Term
+
+    sgate = sg.cells.scalar_gate()
+    with_b, without_b = sg.jacobian(sgate), sg.jacobian(sg.cells.scalar_gate(bias=False))
+    g = sgate.symbols["g"]
+    for t1, t0 in zip(with_b.terms, without_b.terms, strict=True):
+        assert t1 == t0 and hash(t1) == hash(t0) and repr(t1) == repr(t0)
+        for f1, f0 in zip(t1.factors, t0.factors, strict=True):
+            assert f1 == f0 and hash(f1) == hash(f0) and repr(f1) == repr(f0)
+    leak1, cand1 = with_b.terms[0], with_b.terms[1]
+    assert leak1.numeric_coefficient != without_b.terms[0].numeric_coefficient
+    assert cand1.factors[0].numeric != without_b.terms[1].factors[0].numeric
+    typed = Term(1 - g, (), (), "leak", "n", "n")
+    assert typed == leak1 and len({typed, leak1}) == 1 and typed.numeric_coefficient == 1 - g
+    assert Factor("diag", "n", "n", cand1.factors[0].expr) == cand1.factors[0]
+
+
+def test_matrix_expressions_sum_the_terms_in_their_order() -> None:
+    """J.expr is the sum of the terms' matrix expressions in origin order, as str(J) lists them (the
+    pretty form starts with the leak diag(1 - g), then the candidate ...W, then the gate ...Wg); a
+    parameter Jacobian's expr is sum_k v_k.T (x) C_k in the order of its pieces."""
+    from sympy.matrices.expressions import KroneckerProduct
+
+    J = sg.jacobian(VG)
+    assert J.expr.args == tuple(t.matexpr() for t in J.terms)
+    base = J.pretty().splitlines()[1]
+    assert base.startswith("diag(1 - g) + diag(g)") and base.index("\u22c5W ") < base.index("\u22c5Wg")
+    pj = sg.parameter_jacobian(colmix, "U")
+    x = MatrixSymbol("x", dim_symbol("m"), 1)
+    assert len(pj.pieces) == 2
+    assert pj.expr.args == tuple(KroneckerProduct(x.T, C.expr) for C, _ in pj.pieces)
+
+
+def test_mul_chain_past_the_fold_is_one_product() -> None:
+    """Up to 32 factors mul_chain is the left fold ((first*e0)*e1)*...; past 32 the rest are
+    multiplied in one Mul with the fold's result (documented).  SymPy distributes a number over a sum
+    in a product of two, so the two groupings print differently: with 32 factors -1*(a - b) is folded
+    into b - a; with 34, (-1) then (a - b)*(a - b) in one Mul gives -(a - b)**2."""
+    a, b = sympy.symbols("a b")
+    ones = [sympy.S.One] * 30
+    assert mul_chain(sympy.S.NegativeOne, ones + [sympy.S.One, a - b]) == b - a
+    assert mul_chain(sympy.S.One, [sympy.S.NegativeOne, *ones, sympy.S.One, a - b, a - b]) == -(a - b) ** 2
+    assert mul_chain(sympy.S.One, [sympy.S.NegativeOne, *ones, sympy.S.One, a - b, a - b]) != (b - a) * (a - b)
+
+
+def test_a_one_term_jacobian_is_that_term() -> None:
+    """With one chain, J.expr is the chain itself, not a sum of one term: the plain cell's
+    dh'/dh = diag(1 - phi^2) W, the leaky cell's d+h'/dvec(W) = h.T (x) alpha diag(1 - phi^2) and
+    d+h'/db = alpha diag(1 - phi^2) (typed from paper-notes' leaky and plain cells)."""
+    from sympy.matrices.expressions import KroneckerProduct
+
+    from symgate._derive import UnitDiag
+
+    n = dim_symbol("n")
+    plain = sg.cells.plain(bias=False)
+    phi = plain.symbols["phi"]
+    assert sg.jacobian(plain).expr == sympy.MatMul(UnitDiag(1 - phi**2, n), MatrixSymbol("W", n, n))
+    leaky = sg.cells.leaky()
+    alpha, phi = leaky.symbols["alpha"], leaky.symbols["phi"]
+    C = sympy.MatMul(alpha, UnitDiag(1 - phi**2, n))
+    assert sg.parameter_jacobian(leaky, "W").expr == KroneckerProduct(MatrixSymbol("h", n, 1).T, C)
+    assert sg.parameter_jacobian(leaky, "b").expr == C

@@ -245,17 +245,6 @@ def _values_dtype(values: Mapping[str, Any]) -> np.dtype:
     return np.result_type(*dtypes) if dtypes else np.dtype(np.float64)
 
 
-def _dense_factor(f: Factor, values: Mapping[str, Any], params: Mapping[str, Any], batch: int, sizes: Mapping[Any, int]) -> Any:
-    if f.kind == "matrix":
-        return np.asarray(params[f.matrix])[None, :, :]
-    v = np.asarray(_LAMBDIFIED(f.numeric, values))  # type: ignore[arg-type]
-    d = sizes[f.rows]
-    v = np.broadcast_to(v, (batch, d)) if v.ndim else np.full((batch, d), v)
-    if f.kind == "diag":
-        return v[:, :, None] * np.eye(d, dtype=v.dtype)[None]
-    return v[:, :, None]
-
-
 def _chain(factors: Sequence[Factor], values: Mapping[str, Any], params: Mapping[str, Any], batch: int,
            sizes: Mapping[Any, int]) -> tuple[str, Any]:
     """The product of a chain of factors, kept structured as long as possible.
