@@ -2,7 +2,8 @@
 
 * dense state and parameter Jacobians of small hand-written cells, whose chains take every
   shape the numeric evaluation distinguishes (a diagonal, a parameter matrix first, a column
-  after a diagonal, after a matrix and after a dense product, a chain with no factor at all),
+  after a diagonal, after a matrix and after a dense product, a row first and then a diagonal,
+  a chain with no factor at all),
   against complex-step derivatives of the update typed in plain numpy;
 * the symbolic Jacobian of the same cells made explicit, against SymPy's brute-force
   Jacobian of the update typed by hand;
@@ -135,7 +136,24 @@ def chained_np(p: dict, x: np.ndarray, h: np.ndarray) -> np.ndarray:
     return 0.5 * np.tanh(inner) + 0.5 * (g @ p["V1"].T @ p["V2"].T)
 
 
+@sg.cell
+def rowdense(h: State("n"), x: Input("m"), W: MatrixSpec("n", "n"), wg: MatrixSpec(1, "n"),
+             U: MatrixSpec("n", "m")):
+    # the update reads a scalar gate of a vector function of the state: a chain that starts with the
+    # row wg and goes on through diag(1 - th^2), a product of one row for every sequence, broadcast
+    # over the rows
+    th = tanh(h)
+    q = sigmoid(wg @ th)
+    return tanh(W @ h + U @ x) + q
+
+
+def rowdense_np(p: dict, x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    q = _np_sigmoid(np.tanh(h) @ p["wg"].T)
+    return np.tanh(h @ p["W"].T + x @ p["U"].T) + q
+
+
 CELLS: dict[str, tuple[sg.Cell, Callable]] = {
+    "rowdense": (rowdense, rowdense_np),
     "chained": (chained, chained_np),
     "colmix": (colmix, colmix_np),
     "matfirst": (matfirst, matfirst_np),
@@ -235,6 +253,9 @@ def _explicit_sympy_update(name: str, n: int, m: int, k: int = 3) -> tuple[Matri
         q = sig((mat("wg", 1, n) * h)[0, 0])
         tmp = (mat("U", n, m) * x).applyfunc(sympy.tanh) + sympy.ones(n, 1) * (q + named_scalar.symbols["k"])
         out = a.multiply_elementwise(tmp)
+    elif name == "rowdense":
+        q = sig((mat("wg", 1, n) * h.applyfunc(sympy.tanh))[0, 0])
+        out = (mat("W", n, n) * h + mat("U", n, m) * x).applyfunc(sympy.tanh) + sympy.ones(n, 1) * q
     else:
         q = sig((mat("wg", 1, n) * h)[0, 0])
         out = (mat("W", n, n) * h + mat("U", n, m) * x).applyfunc(sympy.tanh) + sympy.ones(n, 1) * q
