@@ -1203,3 +1203,19 @@ def test_a_one_term_jacobian_is_that_term() -> None:
     C = sympy.MatMul(alpha, UnitDiag(1 - phi**2, n))
     assert sg.parameter_jacobian(leaky, "W").expr == KroneckerProduct(MatrixSymbol("h", n, 1).T, C)
     assert sg.parameter_jacobian(leaky, "b").expr == C
+
+
+def test_exactly_max_chains_are_derived() -> None:
+    """A diamond of 10 levels without the leak has 2**10 = 1024 = MAX_CHAINS chains, all through W:
+    derived, one term per chain (each level reads the previous one through two nodes, so the
+    number of paths doubles per level)."""
+    def body(h, x, W, U):  # type: ignore[no-untyped-def]
+        e = tanh(W @ h + U @ x)
+        for _ in range(10):
+            e = tanh(e) * sigmoid(e)
+        return e
+
+    c = sg.make_cell(body, {"h": State("n"), "x": Input("m"), "W": MatrixSpec("n", "n"), "U": MatrixSpec("n", "m")},
+                     name="diamond10_noleak")
+    J = sg.jacobian(c)
+    assert len(J.terms) == 2**10 and all(t.matrices == ("W",) for t in J.terms)
