@@ -1219,3 +1219,55 @@ def test_exactly_max_chains_are_derived() -> None:
                      name="diamond10_noleak")
     J = sg.jacobian(c)
     assert len(J.terms) == 2**10 and all(t.matrices == ("W",) for t in J.terms)
+
+
+def test_diagonal_first_order_of_the_scalar_gate_reads_per_unit_matrix_diagonals() -> None:
+    """Diagonal split of the scalar gate (paper-notes §10): lambda_j = 1 - g_j and
+    mu1 = prod_j (1 - g_j) sum_j r_j / (1 - g_j), r_j = g_j (1 - phi_j^2) W[q, q]
+    + g_j (1 - g_j) (phi_j - h_{j-1}) wg[0, q]: the diagonals of the square W and of the row wg are
+    both per-unit quantities (dimension n)."""
+    from symgate._cell import UnitSymbol
+
+    ex = sg.expansion(sg.cells.scalar_gate(bias=False), "diagonal")
+    g, phi, h = (sympy.IndexedBase(k) for k in ("g", "phi", "h"))
+    w_diag, wg_diag = UnitSymbol("W_diag", "n"), UnitSymbol("wg_diag", "n")
+    r = g[j_] * (1 - phi[j_] ** 2) * w_diag + g[j_] * (1 - g[j_]) * (phi[j_] - h[j_ - 1]) * wg_diag
+    want = sympy.Product(1 - g[j_], (j_, t_ - ell_ + 1, t_)) * sympy.Sum(r / (1 - g[j_]), (j_, t_ - ell_ + 1, t_))
+    got = ex.diagonal_first_order
+    assert {s for s in got.free_symbols if isinstance(s, UnitSymbol)} == {w_diag, wg_diag}
+    assert sympy.simplify((got - want).doit()) == 0
+
+
+@sg.cell
+def gated_source(h: State("n"), x: Input("m"), W: MatrixSpec("n", "n"), U: MatrixSpec("n", "m"), v: Vector("n")):
+    # the source of W is a gate-marked node whose dependence on h is weighted by the trained v
+    return tanh(W @ (v * h).as_gate() + U @ x)
+
+
+def test_a_weighted_hop_out_of_a_gate_marked_matrix_source_is_a_reset_path() -> None:
+    """tanh(W s + U x), s = (v h) marked as a gate: the chain diag(1 - phi^2) W diag(v) enters W
+    (not through a gate) and then v, from inside the cell and through the gate s: origin reset
+    (module docstring: a later entry through a gate); the dense Jacobian is that chain
+    (complex-step of the numpy update)."""
+    J = sg.jacobian(gated_source)
+    assert [t.origin for t in J.terms] == ["reset"] and J.terms[0].matrices == ("W",)
+    params, x, h = _problem(gated_source, 6)
+    got = sg.ReferenceKernel(gated_source).jacobian(params, x, h)
+    for bb in range(B):
+        want = _complex_step(lambda hh: np.tanh(params["W"] @ (params["v"] * hh) + params["U"] @ x[bb]), h[bb])
+        np.testing.assert_allclose(got[bb], want, rtol=0, atol=TOL)
+
+
+def test_explicit_update_of_the_leaky_cell() -> None:
+    """explicit_update gives each state as an explicit column of its n entries: the leaky cell's
+    (1 - alpha) h_i + alpha tanh(sum_j W_ij h_j + U_i0 x_0 + b_i), typed from paper-notes (n=2, m=1)."""
+    from symgate._derive._jacobian import explicit_update
+
+    leaky = sg.cells.leaky()
+    alpha = leaky.symbols["alpha"]
+    W, U, b = MatrixSymbol("W", 2, 2), MatrixSymbol("U", 2, 1), MatrixSymbol("b", 2, 1)
+    h, x = MatrixSymbol("h", 2, 1), MatrixSymbol("x", 1, 1)
+    want = Matrix([(1 - alpha) * h[i, 0] + alpha * sympy.tanh(W[i, 0] * h[0, 0] + W[i, 1] * h[1, 0]
+                                                               + U[i, 0] * x[0, 0] + b[i, 0]) for i in range(2)])
+    (got,) = explicit_update(leaky, {"n": 2, "m": 1})
+    assert got.shape == (2, 1) and sympy.simplify(got - want) == sympy.zeros(2, 1)
