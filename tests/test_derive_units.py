@@ -1271,3 +1271,23 @@ def test_explicit_update_of_the_leaky_cell() -> None:
                                                                + U[i, 0] * x[0, 0] + b[i, 0]) for i in range(2)])
     (got,) = explicit_update(leaky, {"n": 2, "m": 1})
     assert got.shape == (2, 1) and sympy.simplify(got - want) == sympy.zeros(2, 1)
+
+
+@sg.cell
+def two_widths(h: State("n"), s: State(1), x: Input("m"), W: MatrixSpec("n", "n"), U: MatrixSpec("n", "m"),
+               wg: MatrixSpec(1, "n"), k: Scalar()):
+    # a vector state and a scalar (one-unit) state
+    return tanh(W @ h + U @ x), tanh(k * s + wg @ h)
+
+
+def test_explicit_update_of_a_scalar_state_is_one_entry() -> None:
+    """A one-unit state's explicit update is a 1 x 1 column, tanh(k s + sum_j wg_0j h_j), next to the
+    vector state's n entries (typed by hand, n=2, m=1)."""
+    from symgate._derive._jacobian import explicit_update
+
+    k, s = two_widths.symbols["k"], two_widths.symbols["s"]
+    wg, h = MatrixSymbol("wg", 1, 2), MatrixSymbol("h", 2, 1)
+    got_h, got_s = explicit_update(two_widths, {"n": 2, "m": 1})
+    assert got_h.shape == (2, 1)
+    want = Matrix([sympy.tanh(k * s + wg[0, 0] * h[0, 0] + wg[0, 1] * h[1, 0])])
+    assert got_s.shape == (1, 1) and sympy.simplify(got_s - want) == sympy.zeros(1, 1)
