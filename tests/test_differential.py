@@ -152,3 +152,19 @@ def test_builtin_cells_agree(name: str, B: int, n: int, T: int) -> None:
 @pytest.mark.parametrize("name", ["fc_xgate", "fc_static_chain", "fc_functions", "fc_two_state", "fc_scalar_gate"])
 def test_feature_cells_agree_float32(name: str, B: int) -> None:
     _assert_agree(feature_cell(name), B, 3, 4, dtype="float32")
+
+
+@sg.cell
+def static_node_read_twice(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"), U1: sg.Matrix("n", "m"),
+                           U2: sg.Matrix("n", "n")):
+    # e reads only the input and is read twice: by a matrix product (U2 e, state-independent) and
+    # elementwise in the time loop (e*h), so its adjoint collects the loop's contributions first
+    # and the product's backward must add to them, not overwrite them
+    e = sg.tanh(U1 @ x)
+    return 0.5 * sg.tanh(W @ h + U2 @ e) + 0.5 * e * h
+
+
+@pytest.mark.parametrize("B", [2, 9])
+def test_static_node_read_by_a_product_and_in_the_loop(B: int) -> None:
+    """The gradient of U1 sums both readers of e (compiled against the numpy reference)."""
+    _assert_agree(static_node_read_twice, B, 3, 4)
