@@ -136,15 +136,10 @@ def _gradient_arrays(g: "Gradients") -> list[Any]:
     return [*g.params.values(), *g.h0.values(), g.x, *g.readout.values()]
 
 
-def _column(v: Any) -> Any:
-    """The source of a Linear node as a vector: a scalar parameter or constant (``P @ c``) is 0-d."""
-    return np.reshape(v, (1,)) if np.ndim(v) == 0 else v
-
-
 def _evaluate(st: _Step, vals: Mapping[str, Any], params: Mapping[str, np.ndarray]) -> Any:
     """Value of one node or output from the values it reads."""
     if st.kind == "linear":
-        return matmul(_column(vals[st.source]), params[st.matrix].T)  # type: ignore[index]
+        return matmul(vals[st.source], params[st.matrix].T)  # type: ignore[index]
     fn, names = st.value  # type: ignore[misc]
     return fn(*[vals[n] for n in names])
 
@@ -401,7 +396,7 @@ class ReferenceKernel:
             if a is None:
                 continue
             if st.kind == "linear":
-                src = _column(vals[st.source])  # type: ignore[index]
+                src = vals[st.source]  # type: ignore[index]
                 src = np.broadcast_to(src, a.shape[:2] + (np.shape(src)[-1],))
                 grads[st.matrix] += matmul(a.reshape(T * B, -1).T, src.reshape(T * B, -1))  # type: ignore[index]
             _pull_back(st, a, vals, params, adj)
@@ -501,8 +496,7 @@ class ReferenceKernel:
         def tangent_of_step(st: _Step, vals: Mapping[str, Any], tan: dict[str, Any]) -> Any:
             if st.kind == "linear":
                 src = st.source
-                return (matmul(_column(tan.get(src, zero)), params[st.matrix].T)  # type: ignore[index]
-                        + matmul(_column(vals[src]), tp[st.matrix].T))  # type: ignore[index]
+                return matmul(tan.get(src, zero), params[st.matrix].T) + matmul(vals[src], tp[st.matrix].T)  # type: ignore[index]
             acc: Any = zero
             for sname, _sdim, fn, names in st.partials:
                 ts = tan.get(sname)

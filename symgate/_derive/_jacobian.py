@@ -703,7 +703,7 @@ def _paths_of(lp: LocalPartials, key: _Key, paths_memo: dict) -> list[_Path]:
             continue
         if nd.kind == "linear":
             chain, src = _linear_chain(cell, nd, targets)
-            mats = tuple(Factor("matrix", c.dim, _dim_of(cell, c.source), matrix=c.matrix) for c in chain)
+            mats = tuple(Factor("matrix", c.dim, c.source.dim, matrix=c.matrix) for c in chain)
             names = tuple(c.name for c in chain)
             if child is None:
                 paths.append(_Path((f,) + mats, names, (owner_is_gate,)))
@@ -720,12 +720,6 @@ def _paths_of(lp: LocalPartials, key: _Key, paths_memo: dict) -> list[_Path]:
                 entries = (True,) + entries[1:]
             paths.append(_Path((f,) + rest.factors, (nd.name,) + rest.nodes, entries))
     return paths
-
-
-def _dim_of(cell: Cell, sym: Any) -> Dim:
-    """The dimension of a node's or a leaf's values."""
-    node = cell.node(sym)
-    return node.dim if node is not None else cell.leaf(sym).dim  # type: ignore[union-attr]
 
 
 def _origin(p: _Path) -> str:
