@@ -628,6 +628,15 @@ def load_equivalents(folder: Path, modules: Iterable[str]) -> dict[str, list[Equ
     return found
 
 
+def warn_stale(equivalents: dict[str, list[Equivalent]], population: dict[str, list[Mutant]]) -> None:
+    """Print every listed entry that matches no mutant of its group (its line changed since)."""
+    for module, entries in equivalents.items():
+        for entry in entries:
+            if not any(entry.matches(m) for m in population[module]):
+                print(f"warning: equivalent-mutant entry matches no mutant of {module} (stale?): "
+                      f"{entry.path}: {entry.before[:80]}")
+
+
 def equivalent_reason(mutant: Mutant, equivalents: dict[str, list[Equivalent]]) -> str | None:
     """Why ``mutant`` is listed as equivalent, or None."""
     for entry in equivalents.get(mutant.module, ()):
@@ -1093,6 +1102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.only:
             sample = {m: [mut for mut in ms if any(text in mut.ident for text in args.only)] for m, ms in sample.items()}
         check_compiles(workspace.snapshot, [m for ms in sample.values() for m in ms])
+        # the lists of the tree that is mutated (the snapshot), read and checked before any test runs
+        equivalents = load_equivalents(workspace.snapshot / EQUIVALENT_DIR.relative_to(REPO), args.modules)
+        warn_stale(equivalents, population)
         if args.list:
             list_population(files, population, sample, args.verbose)
             return 0
@@ -1106,12 +1118,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeouts = {m: args.timeout or TIMEOUT_FACTOR * t + TIMEOUT_SLACK for m, t in unmutated_seconds.items()}
         print("timeout per mutant: " + ", ".join(f"{m} {t:.0f} s" for m, t in timeouts.items()))
         order = interleave(sample)
-        equivalents = load_equivalents(EQUIVALENT_DIR, args.modules)
-        for module, entries in equivalents.items():
-            for entry in entries:
-                if not any(entry.matches(m) for m in population[module]):
-                    print(f"warning: equivalent-mutant entry matches no mutant of {module} (stale?): "
-                          f"{entry.path}: {entry.before[:80]}")
         reasons = {m.ident: equivalent_reason(m, equivalents) for m in order}
         outcomes = {ident: Outcome("equivalent", 0.0, why) for ident, why in reasons.items() if why}
         print(f"equivalent (listed in {EQUIVALENT_DIR.relative_to(REPO)}, not run): {len(outcomes)}")
