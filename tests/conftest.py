@@ -9,6 +9,7 @@ lambdification are cached on the cell object), never inside ``@given``.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -17,8 +18,18 @@ from hypothesis import HealthCheck, settings
 import symgate as sg
 from symgate.testing import cached_builtin
 
-# compiled kernels of this test session go to a private cache (tests of the cache set their own)
-os.environ.setdefault("SYMGATE_CACHE_DIR", tempfile.mkdtemp(prefix="symgate-test-cache-"))
+# compiled kernels of this test session go to a private cache (tests of the cache set their own),
+# removed at the end of the session
+_SESSION_CACHE: str | None = None
+if not os.environ.get("SYMGATE_CACHE_DIR"):
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="symgate-test-cache-")
+    os.environ["SYMGATE_CACHE_DIR"] = _SESSION_CACHE
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
 
 settings.register_profile(
     "fast", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
