@@ -1,49 +1,99 @@
 """Loading a cell from a command-line style spec: a built-in name or ``path/to/file.py:name``.
 
 Used by the command line (``symgate derive CELL``, ...) and by the experiments (model
-names), so neither has to import the other.
+names), so neither has to import the other.  Whatever goes wrong while the user's file
+runs -- an exception, ``sys.exit()`` -- is a :class:`~symgate.CellSpecError` naming the
+file; only ``KeyboardInterrupt`` goes through.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import importlib.util
 import os
+import sys
 
 from ._cell import Cell, cell as make_cell_from_fn
-from ._errors import SymgateError
+from ._errors import CellSpecError, SymgateError
 from .cells import BUILTIN, builtin
 
 __all__ = ["load_cell"]
 
 
+def _shown(text: str, limit: int = 120) -> str:
+    """``repr(text)``, shortened to about ``limit`` characters for a one-line message."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
+
+
+def _describe(exc: BaseException, when: str = "while being loaded") -> str:
+    """``Type: message`` on one line (the message's lines joined)."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: the cell file exits {when} (sys.exit({exc.code!r}))"
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def load_cell(spec: str) -> Cell:
     """A built-in cell by name, or ``file.py:name`` from a user's file."""
+    if not isinstance(spec, str) or not spec:
+        raise CellSpecError(f"a cell is a built-in name or path/to/file.py:name, got {spec!r}")
     if spec in BUILTIN:
         return builtin(spec)
     if ":" not in spec:
-        raise SymgateError(f"unknown cell {spec!r}: give a built-in ({', '.join(BUILTIN)}) or path/to/file.py:name")
+        hint = f" (to load a cell from the file, give {spec[:80]}:name)" if os.path.isfile(spec) else ""
+        raise CellSpecError(f"unknown cell {_shown(spec)}: give a built-in ({', '.join(BUILTIN)}) or path/to/file.py:name{hint}")
     path, _, attr = spec.rpartition(":")
+    if os.path.isdir(path):
+        raise CellSpecError(f"cell file {_shown(path)} is a directory, not a Python file")
     if not os.path.isfile(path):
-        raise SymgateError(f"cell file {path!r} does not exist")
+        what = "does not exist" if not os.path.lexists(path) else "is not a regular file"
+        raise CellSpecError(f"cell file {_shown(path)} {what}")
     if not attr.isidentifier():
-        raise SymgateError(f"{attr!r} is not a valid Python name in {spec!r}")
+        raise CellSpecError(f"{_shown(attr)} is not a valid Python name in {_shown(spec)}")
+    if not os.access(path, os.R_OK):
+        raise CellSpecError(f"cell file {_shown(path)} is not readable")
     modname = "_symgate_user_" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]
-    mspec = importlib.util.spec_from_file_location(modname, path)
-    if mspec is None or mspec.loader is None:
-        raise SymgateError(f"cannot import {path!r} as a Python module")
+    # any file name is read as Python source (not only *.py)
+    loader = importlib.machinery.SourceFileLoader(modname, path)
+    mspec = importlib.util.spec_from_file_location(modname, path, loader=loader)
+    if mspec is None:  # pragma: no cover - a SourceFileLoader always gives a spec
+        raise CellSpecError(f"cannot import {_shown(path)} as a Python module")
     module = importlib.util.module_from_spec(mspec)
+    previous = sys.modules.get(modname)
+    sys.modules[modname] = module  # dataclasses, typing.get_type_hints, pickle look the module up
     try:
-        mspec.loader.exec_module(module)
+        loader.exec_module(module)
     except SymgateError:
+        _restore(modname, previous)
         raise
-    except Exception as exc:
-        raise SymgateError(f"importing {path!r} failed: {type(exc).__name__}: {exc}") from exc
+    except (Exception, SystemExit) as exc:  # KeyboardInterrupt goes through
+        _restore(modname, previous)
+        raise CellSpecError(f"error while loading {_shown(path)}: {_describe(exc)}") from exc
+    except BaseException:
+        _restore(modname, previous)
+        raise
     if not hasattr(module, attr):
-        raise SymgateError(f"{path!r} has no attribute {attr!r}")
+        raise CellSpecError(f"{_shown(path)} has no attribute {attr!r}")
     obj = getattr(module, attr)
     if isinstance(obj, Cell):
         return obj
     if callable(obj):
-        return make_cell_from_fn(obj)
-    raise SymgateError(f"{spec!r} is neither a symgate Cell nor a function")
+        try:
+            return make_cell_from_fn(obj)
+        except SymgateError:
+            raise
+        except (Exception, SystemExit) as exc:
+            why = _describe(exc, "while the cell is built")
+            raise CellSpecError(f"error while building the cell {attr!r} of {_shown(path)}: {why}") from exc
+    raise CellSpecError(f"{_shown(spec)} is neither a symgate Cell nor a function")
+
+
+def _restore(modname: str, previous: object) -> None:
+    if previous is None:
+        sys.modules.pop(modname, None)
+    else:
+        sys.modules[modname] = previous  # type: ignore[assignment]

@@ -3,13 +3,19 @@
 ``CELL`` is a built-in name (``plain``, ``leaky``, ``scalar_gate``, ``vector_gate``,
 ``gru``, ``lstm``, ``mgu``) or ``path/to/file.py:name`` where ``name`` is a
 :class:`~symgate.Cell` (e.g. made with ``@symgate.cell``) or an annotated function.
+
+Every failure ends in one line on stderr, ``symgate: error: <message>``, and exit
+status 2 (argparse's usage errors too); ``KeyboardInterrupt`` exits with 130 and a
+closed output pipe with 141, quietly.  ``SYMGATE_DEBUG=1`` also prints the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import traceback
 from typing import Sequence
 
 from ._cell import Cell
@@ -126,15 +132,31 @@ def _verify_rows(cells: Sequence[Cell], examples: int, seed: int, backend: str) 
     return rows, all_ok
 
 
-def _at_least(flag: str, value: int, lo: int) -> None:
-    """A one-line :class:`ConfigError` naming the flag when an integer option is below ``lo``."""
+def _at_least(flag: str, value: int, lo: int, hi: int | None = None) -> None:
+    """A one-line :class:`ConfigError` naming the flag when an integer option is below ``lo``
+    (or above ``hi``)."""
     if value < lo:
         raise ConfigError(f"{flag} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:12]}...({len(str(value))} digits)"
+        raise ConfigError(f"{flag} must be <= {hi}, got {shown}")
+
+
+#: upper bounds of the command line's counts (a larger one is a typo, not a plan)
+MAX_EXAMPLES = 100_000
+MAX_RANDOM_CELLS = 100_000
+MAX_SEED = 2**32 - 1
+
+
+def _check_scheduler(scheduler: str) -> None:
+    from .experiments.sweep import parse_scheduler
+
+    parse_scheduler(scheduler)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    _at_least("--examples", args.examples, 1)
-    _at_least("--seed", args.seed, 0)
+    _at_least("--examples", args.examples, 1, MAX_EXAMPLES)
+    _at_least("--seed", args.seed, 0, MAX_SEED)
     c = load_cell(args.cell)
     rows, ok = _verify_rows([c], args.examples, args.seed, args.backend)
     print(_table(rows))
@@ -155,16 +177,22 @@ def _cmd_codegen(args: argparse.Namespace) -> int:
     dtypes = ["float64", "float32"] if args.dtype == "both" else [args.dtype]
     for dt in dtypes:
         path = out / f"{c.name}_{dt}.pyx"  # the cell name is a validated identifier
-        path.write_text(generate(c, dt).source)
+        source = generate(c, dt).source
+        try:
+            path.write_text(source)
+        except OSError as exc:
+            raise SymgateError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
         print(path)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    _at_least("--examples", args.examples, 1)
-    _at_least("--random-cells", args.random_cells, 0)
-    _at_least("--compiled-random", args.compiled_random, 0)
-    _at_least("--seed", args.seed, 0)
+    _at_least("--examples", args.examples, 1, MAX_EXAMPLES)
+    _at_least("--random-cells", args.random_cells, 0, MAX_RANDOM_CELLS)
+    _at_least("--compiled-random", args.compiled_random, 0, MAX_RANDOM_CELLS)
+    _at_least("--seed", args.seed, 0, MAX_SEED)
+    if not args.no_reproduce:
+        _check_scheduler(args.scheduler)  # before minutes of work, not after
     t0 = time.perf_counter()
     cells = [builtin(name) for name in BUILTIN]
     for c in cells:
@@ -206,11 +234,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return (0 if ok else 1) or rc
 
 
+def _check_reproduce_args(args: argparse.Namespace, models: list[str]) -> None:
+    """The options of ``reproduce`` checked before any work starts (one-line ConfigErrors)."""
+    from .experiments._common import model_cell, model_label
+    from .experiments.reproduce import MAX_SEEDS
+    from .experiments.sweep import MAX_WORKERS
+
+    if args.seeds is not None:
+        _at_least("--seeds", args.seeds, 1, MAX_SEEDS)
+    if args.workers is not None:
+        _at_least("--workers", args.workers, 1, MAX_WORKERS)
+    if args.endpoint_stride is not None:
+        _at_least("--endpoint-stride", args.endpoint_stride, 1, 1_000_000)
+    _check_scheduler(args.scheduler)
+    labels: dict[str, str] = {}
+    for m in models:
+        model_cell(m)
+        label = model_label(m)
+        if label in labels:
+            raise ConfigError(f"--models: {m!r} and {labels[label]!r} would both be reported as {label!r}; "
+                              "give each model once, under distinct names")
+        labels[label] = m
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .experiments.reproduce import default_settings, main_summary, reproduce
 
     settings = {}
-    models = [m for m in (getattr(args, "models", None) or "").split(",") if m]
+    raw_models = getattr(args, "models", None)
+    models = [m.strip() for m in (raw_models or "").split(",") if m.strip()]
+    if raw_models is not None and not models:
+        raise ConfigError(f"--models names no model: {raw_models!r}")
+    _check_reproduce_args(args, models)
     if args.task is not None or args.endpoint_stride is not None or models:
         s1 = default_settings("s1", args.quick)
         if args.task is not None:
@@ -233,7 +288,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``symgate`` command."""
-    ap = argparse.ArgumentParser(prog="symgate", description="Exact Jacobians and kernels for gated RNN cells.")
+    ap = argparse.ArgumentParser(
+        prog="symgate", description="Exact Jacobians and kernels for gated RNN cells.",
+        epilog="Errors are reported on one line ('symgate: error: ...', exit status 2); set SYMGATE_DEBUG=1 to see "
+               "the traceback as well.  Ctrl-C exits with status 130.")
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("derive", help="print the derived Jacobians of a cell")
     d.add_argument("cell", help="built-in name or path/to/file.py:name")
@@ -283,11 +341,107 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_reproduce)
     args = ap.parse_args(argv)
+    debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
     except SymgateError as exc:
-        print(f"symgate: error: {exc}", file=sys.stderr)
-        return 2
+        failure: BaseException = exc
+        line = _error_line(exc)
+    except OSError as exc:
+        failure = exc
+        line = _os_error_line(exc)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported on one line, traceback on request
+        failure = exc
+        line = f"unexpected {_describe(exc)} (rerun with {DEBUG_ENV}=1 to see the traceback)"
+    if debug:
+        traceback.print_exception(failure, file=sys.stderr)
+    _print_error(line)
+    return 2
+
+
+#: set to 1 to get the traceback of an error as well as its one-line message
+DEBUG_ENV = "SYMGATE_DEBUG"
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, SystemExit):
+        return f"exit (SystemExit({exc.code!r}))"
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _error_line(exc: SymgateError) -> str:
+    """The first line of a SymgateError's message; a BuildError's whole log goes to a file named in the line."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    first = lines[0].strip() if lines else type(exc).__name__
+    if len(lines) <= 1:
+        return first
+    from ._build import BuildError
+
+    if isinstance(exc, BuildError):
+        log = _save_log(str(exc), getattr(exc, "sources", None))
+        return f"{first} (the full log: {log})" if log else f"{first} (sources kept in {exc.sources})"
+    return first
+
+
+def _save_log(text: str, where: object) -> str | None:
+    """``text`` written to ``build-error.log`` in ``where`` (or a new temporary file); its path."""
+    import tempfile
+
+    candidates = [os.path.join(str(where), "build-error.log")] if where else []
+    for path in candidates:
+        try:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+            return path
+        except OSError:
+            pass
+    try:
+        fd, path = tempfile.mkstemp(prefix="symgate-build-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+        return path
+    except OSError:
+        return None
+
+
+def _os_error_line(exc: OSError) -> str:
+    """An OSError on one line, naming its file(s) when it has one."""
+    if exc.filename is None:
+        return f"unexpected {_describe(exc)} (rerun with {DEBUG_ENV}=1 to see the traceback)"
+    what = exc.strerror or type(exc).__name__
+    names = repr(os.fsdecode(exc.filename)) if isinstance(exc.filename, (str, bytes)) else repr(exc.filename)
+    if exc.filename2 is not None:
+        names += f" -> {os.fsdecode(exc.filename2)!r}" if isinstance(exc.filename2, (str, bytes)) else f" -> {exc.filename2!r}"
+    return f"{what}: {names}"
+
+
+def _print_error(line: str) -> None:
+    try:
+        print(f"symgate: error: {line}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # pragma: no cover - stderr itself is gone
+        pass
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the exit's flush cannot fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    except OSError:  # pragma: no cover
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

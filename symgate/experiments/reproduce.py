@@ -26,9 +26,9 @@ from .appendix import AppendixSettings, summarize_appendix
 from .report import claims, method_comparisons, plot_all, write_report
 from .s1 import S1Settings, summarize_s1
 from .s2 import S2Settings, summarize_s2
-from .sweep import execute, jobs_for
+from .sweep import execute, jobs_for, parse_scheduler
 
-__all__ = ["reproduce", "EXPERIMENTS", "default_settings", "seeds_for"]
+__all__ = ["reproduce", "EXPERIMENTS", "default_settings", "seeds_for", "MAX_SEEDS"]
 
 EXPERIMENTS = ("s1", "s2", "appendix")
 
@@ -41,10 +41,15 @@ def default_settings(experiment: str, quick: bool = False) -> Any:
     return cls.quick() if quick else cls()
 
 
+#: the most seeds per configuration (the paper used 20)
+MAX_SEEDS = 10_000
+
+
 def seeds_for(experiment: str, n: int) -> list[int]:
     """Seeds as released: 1..n for S1 and S2, 0..n-1 for the appendix check."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ConfigError(f"the number of seeds must be an integer >= 1, got {n!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SEEDS:
+        shown = repr(n) if len(repr(n)) <= 40 else repr(n)[:30] + "..."
+        raise ConfigError(f"the number of seeds must be an integer in 1..{MAX_SEEDS}, got {shown}")
     return list(range(n)) if experiment == "appendix" else list(range(1, n + 1))
 
 
@@ -76,6 +81,8 @@ def reproduce(which: str | Sequence[str] = "all", *, quick: bool = False, seeds:
         if nm not in EXPERIMENTS:
             raise ConfigError(f"unknown experiment {nm!r}; choose from {', '.join(EXPERIMENTS)} or 'all'")
     n = seeds if seeds is not None else (2 if quick else 5)
+    seeds_for(names[0] if names else "s1", n)
+    parse_scheduler(scheduler)
     _writable(out)
     chosen = {nm: (settings or {}).get(nm) or default_settings(nm, quick) for nm in names}
     jobs = []
