@@ -465,8 +465,8 @@ def _holder(fd: int) -> str:
     if host == socket.gethostname():
         try:
             status = Path(f"/proc/{pid}/status").read_text()
-            state = next((f" ({ln.split(None, 1)[1].strip()})" for ln in status.splitlines()
-                          if ln.startswith("State:") and len(ln.split(None, 1)) == 2), "")
+            line = next((ln for ln in status.splitlines() if ln.startswith("State:")), "")
+            state = f" ({line.partition('(')[2].rstrip(')') or line[6:].strip()})" if line else ""
         except FileNotFoundError:
             state = " (no longer running)"
         except OSError:
