@@ -42,6 +42,7 @@ import sympy
 
 from ._errors import (
     CellSpecError,
+    SymgateError,
     InvalidNameError,
     ShapeError,
     StateIndependenceError,
@@ -872,7 +873,15 @@ def _capture_locals(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping
     installed, so tracing works under debuggers, coverage and profilers.
     """
     b.codes = _body_codes(fn)
-    result = fn(*args, **kwargs)
+    try:
+        result = fn(*args, **kwargs)
+    except SymgateError:
+        raise
+    except Exception as exc:  # the user's body failed on a traced quantity: say so, keep the cause chained
+        hint = ("; a cell body may use arithmetic, '@' and symgate's functions (symgate.tanh, sigmoid, ...) on its "
+                "arguments, not SymPy or NumPy functions such as sympy.Piecewise or np.where") \
+            if "sympy" in type(exc).__module__ or "Basic" in str(exc) or "Var" in str(exc) else ""
+        raise CellSpecError(f"the body of cell {getattr(fn, '__name__', '?')!r} raised {type(exc).__name__}: {exc}{hint}") from exc
     captured: dict[str, Any] = {}
     for frame in b.frames.values():
         captured.update(frame.f_locals)

@@ -22,7 +22,7 @@ from ._aot import load as load_aot
 from ._build import SymgateWarning, build_module
 from ._cell import Cell, Dim
 from ._codegen import BACKWARD, DEFAULT_POLICY, FORWARD, JVP, LOSS_LAST, LOSS_STEP, GeneratedSource, KernelPlan, Policy, RunOptions, Slot, cell_plan, generate, run_plan, structural_decisions
-from ._errors import CellSpecError, NonFiniteError, NumericalError, ShapeError, SymgateError
+from ._errors import CellSpecError, ConcurrentUseError, DTypeError, NonFiniteError, NumericalError, ShapeError, SymgateError
 from ._reference import Gradients, ReferenceKernel, Trajectory, numerical_message
 from ._validate import check_dtype
 from .losses import LastMSE, Loss, StepMSE
@@ -220,7 +220,8 @@ class CompiledKernel(ReferenceKernel):
     def __init__(self, cell: Cell, dtype: Any = "float64") -> None:
         super().__init__(cell, dtype)
         if self.dtype not in (np.dtype("float32"), np.dtype("float64")):
-            raise CellSpecError(f"compiled kernels are float32 or float64, not {self.dtype}")
+            raise DTypeError(f"compiled kernels are float32 or float64, not {self.dtype} (complex128 is a dtype of the numpy "
+                             "reference kernel, for complex-step checks: symgate.reference_kernel(cell, 'complex128'))")
         self.generated: GeneratedSource = generate(cell, self.dtype)
         module = load_aot(self.generated.content_hash)
         #: where the compiled module came from: "ahead-of-time" (built at install) or "cache"
@@ -275,7 +276,16 @@ class CompiledKernel(ReferenceKernel):
             assert a is not None
             bad = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0]) if a.ndim else ()
             raise NonFiniteError(f"{what} contains a non-finite value ({a[bad]!r} at index {bad})")
+        if code == -1:  # the forward pass stops at its first non-finite value: the reference names the cause
+            self._diagnose_forward(run)
         raise NumericalError(numerical_message(self.cell.name, _STAGES.get(code, "a result")))
+
+    def _diagnose_forward(self, run: _Run) -> None:
+        """Re-run the failed forward pass in the numpy reference, which raises with the cause (NaN or infinity)."""
+        from ._reference import reference_kernel
+
+        inp = run.inputs
+        reference_kernel(self.cell, self.dtype).forward(inp["params"], inp["x"], inp["h0"])
 
     # ------------------------------------------------------------------ forward
     def _forward(self, params: dict[str, np.ndarray], x: np.ndarray, h0: dict[str, np.ndarray], sizes: dict[Dim, int]) -> Trajectory:
@@ -383,7 +393,7 @@ class CompiledKernel(ReferenceKernel):
             if a is not params[nm] and not (isinstance(params[nm], np.ndarray) and np.shares_memory(a, params[nm])):
                 raise CellSpecError(f"params[{nm!r}] must be a numpy array (prepare binds it by reference)")
         return PreparedStep(self, _Run(self, params_c, x_c, h0d, sizes, store_all=False, loss=loss, cots=None, backward=True,
-                                       x_grad=x_grad), sizes)
+                                       x_grad=x_grad), sizes, params, loss)
 
     def __repr__(self) -> str:
         return f"<CompiledKernel {self.cell.name!r} {self.dtype}>"
@@ -395,9 +405,22 @@ class PreparedStep:
     ``step()`` returns the loss value; ``step.grads`` (a :class:`~symgate.Gradients`,
     refreshed by every call, arrays reused) holds the gradients of every parameter,
     ``h0``, ``x`` and the readout ``V``.
+
+    **Bindings.** The step keeps references to the arrays it bound and checks on every call
+    (a few hundred nanoseconds) that each still has the data pointer, shape and strides it had:
+    an array resized after ``prepare`` (``a.resize(..., refcheck=False)``) raises
+    :class:`~symgate.ShapeError`, and a ``params`` entry or the loss's ``V``/``y`` rebound to
+    another object raises :class:`~symgate.CellSpecError` (update arrays in place, or prepare
+    again).
+
+    **Threads.** A step owns one set of buffers, ``step.grads`` included, so it is not shared
+    between threads: a call while another thread's call on the same step is running raises
+    :class:`~symgate.ConcurrentUseError` (nothing is computed).  Prepare one step per thread;
+    the kernel itself (``backward``, ``forward``, ``prepare``) may be used from many threads.
     """
 
-    def __init__(self, kernel: CompiledKernel, run: _Run, sizes: Mapping[Dim, int]) -> None:
+    def __init__(self, kernel: CompiledKernel, run: _Run, sizes: Mapping[Dim, int], params: Mapping[str, np.ndarray],
+                 loss: Loss) -> None:
         self.kernel = kernel
         self._run = run
         self._sizes = sizes
@@ -420,8 +443,54 @@ class PreparedStep:
                     self.grads.params[mat] = buf[off:off + w]  # type: ignore[index]
                     off += w
         self._scalars = [sl for sl in kernel.generated.slots if sl.role == "grad" and sl.shape == (1,)]
+        self._bind(params, loss)
+        self._busy = threading.Lock()
+
+    # ------------------------------------------------------------------ bindings
+    def _bind(self, params: Mapping[str, np.ndarray], loss: Loss) -> None:
+        """Keep references to the bound arrays and what ``run`` was told about them (pointer, shape, strides)."""
+        r = self._run
+        self._user_params = params
+        self._user_objs = {nm: params[nm] for nm in self.kernel.cell.param_names}
+        self._loss, self._loss_arrays = loss, (loss.V, loss.y)
+        named = []
+        for sl in self.kernel.generated.slots:
+            a = r.arrays[sl.code]
+            if sl.role in ("x", "param", "h0", "loss_V", "loss_y") and a is not None:
+                named.append((sl.role if sl.role in ("x", "loss_V", "loss_y") else f"{sl.role}[{sl.key!r}]", a))
+        self._bound_names = [nm.replace("param[", "params[").replace("loss_", "loss.") for nm, _ in named]
+        self._bound = tuple(a for _, a in named)
+        expect: list[int] = []
+        for a in self._bound:
+            expect += [a.__array_interface__["data"][0], a.ndim, *a.shape, *a.strides]
+        self._expect = np.array(expect, dtype=np.longlong)
+        self._moved = self.kernel.module.bindings_moved
+
+    def _check_bindings(self) -> None:
+        """Raise if a bound array was resized or reallocated, or a ``params`` entry rebound, since ``prepare``."""
+        i = self._moved(self._bound, self._expect)
+        if i >= 0:
+            a = self._bound[i]
+            raise ShapeError(f"{self._bound_names[i]} was resized or reallocated after prepare() (now shape {a.shape}); "
+                             "a prepared step reads the memory it bound: update arrays in place, or call prepare() again")
+        for nm, obj in self._user_objs.items():
+            if self._user_params.get(nm) is not obj:
+                raise CellSpecError(f"params[{nm!r}] was rebound to another object after prepare(); a prepared step keeps "
+                                    f"the array it bound: update it in place (params[{nm!r}][...] = new), or call prepare() again")
+        if self._loss.V is not self._loss_arrays[0] or self._loss.y is not self._loss_arrays[1]:
+            raise CellSpecError("the loss's V or y was rebound after prepare(); update them in place, or call prepare() again")
 
     def __call__(self) -> Any:
+        if not self._busy.acquire(blocking=False):
+            raise ConcurrentUseError(f"{self!r} was called from two threads at once: a prepared step owns one set of "
+                                     "buffers (and step.grads); prepare one step per thread")
+        try:
+            return self._step()
+        finally:
+            self._busy.release()
+
+    def _step(self) -> Any:
+        self._check_bindings()
         r = self._run
         if self.kernel.workspace_fill is not None:
             for a in r.owned:
@@ -449,7 +518,9 @@ def compile(cell: Cell, dtype: Any = "float64") -> CompiledKernel:  # noqa: A001
     dt = check_dtype(dtype)
     key = ("kernel", "compiled", dt.str)
     if key not in cell._index:
-        cell._index[key] = CompiledKernel(cell, dt)
+        with cell._index.setdefault(("lock",) + key, threading.Lock()):  # one kernel per cell and dtype, across threads
+            if key not in cell._index:
+                cell._index[key] = CompiledKernel(cell, dt)
     return cell._index[key]
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "NumericalError",
     "VerificationError",
     "ConfigError",
+    "ConcurrentUseError",
 ]
 
 
@@ -64,3 +65,7 @@ class VerificationError(SymgateError, AssertionError):
 
 class ConfigError(SymgateError, ValueError):
     """An experiment setting is invalid (unknown task, optimizer or cell; a bad size or rate)."""
+
+
+class ConcurrentUseError(SymgateError, RuntimeError):
+    """An object that holds one call's buffers (a prepared step) was called from two threads at once."""

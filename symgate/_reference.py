@@ -118,18 +118,35 @@ class _Step:
         return self._partials
 
 
-def numerical_message(cell: str, what: str) -> str:
-    """The message of the :class:`~symgate.NumericalError` both backends raise."""
-    return (f"cell {cell!r}: {what} is NaN or infinite although every input is finite (an overflow -- exploding "
-            "states or gradients --, the log or a fractional power of a negative number, or a division by zero); "
-            "scale the parameters or inputs down, or check the cell's body")
+def numerical_message(cell: str, what: str, arrays: Any = None) -> str:
+    """The message of the :class:`~symgate.NumericalError` both backends raise.
+
+    With the offending ``arrays`` it names the cause: NaN only is a domain error (the log or a
+    fractional power of a negative number, 0/0, inf - inf); an infinity is an overflow or a
+    division by zero.  Without them it lists both.
+    """
+    nan = inf = False
+    for a in arrays or ():
+        if a is not None:
+            nan = nan or bool(np.any(np.isnan(a)))
+            inf = inf or bool(np.any(np.isinf(a)))
+    domain = "a domain error (the log or a fractional power such as sqrt of a negative number, 0/0 or inf - inf)"
+    overflow = "an overflow (exploding states or gradients) or a division by zero"
+    if nan and not inf:
+        return f"cell {cell!r}: {what} is NaN although every input is finite: {domain}; check the cell's body"
+    if inf:
+        return (f"cell {cell!r}: {what} is infinite although every input is finite: {overflow}; scale the "
+                "parameters or inputs down, or check the cell's body")
+    return (f"cell {cell!r}: {what} is NaN or infinite although every input is finite: {domain}, or {overflow}; "
+            "check the cell's body, or scale the parameters or inputs down")
 
 
 def require_finite(cell: str, what: str, arrays: Any) -> None:
     """Raise :class:`~symgate.NumericalError` if any of ``arrays`` holds NaN or infinity."""
+    arrays = list(arrays)
     for a in arrays:
         if a is not None and not np.all(np.isfinite(a)):
-            raise NumericalError(numerical_message(cell, what))
+            raise NumericalError(numerical_message(cell, what, arrays))
 
 
 def _gradient_arrays(g: "Gradients") -> list[Any]:

@@ -274,6 +274,18 @@ class EffectiveLRTrajectory:
         return out
 
 
+#: the most memory (bytes) ``effective_lrs`` allocates for a ``max_lag`` past ``T - 1`` (lags with no value)
+LAG_MEMORY_LIMIT = 1 << 30
+
+
+def _check_lag_memory(max_lag: int, T: int, B: int, n: int) -> None:
+    """A lag axis longer than the sequence, too large to allocate, is a mistake: say so (not MemoryError)."""
+    need = 3 * (max_lag + 1) * T * B * n * 8  # log|mu|, sign and mu, float64
+    if max_lag > T - 1 and need > LAG_MEMORY_LIMIT:
+        raise ShapeError(f"max_lag = {max_lag} with T = {T} steps would allocate about {need / 2**30:.3g} GiB, mostly "
+                         f"lags >= T that have no value; pass max_lag <= T - 1 = {T - 1}")
+
+
 def effective_lrs(
     cell: Cell,
     params: Mapping[str, np.ndarray],
@@ -295,6 +307,10 @@ def effective_lrs(
     :math:`\mu^{(1)}=\mu^{(0)}\sum_j r_j/\lambda_j` with ``r`` the exact rest of the diagonal.
     The result holds :math:`\log|\mu|` (and signs); ``.mu`` exponentiates on first use, or
     right away, fused with the log-domain pass, with ``compute_mu=True``.
+
+    Lags of ``T`` or more reach before step 1 at every step: they hold ``-inf`` (no value).  A
+    ``max_lag`` past ``T - 1`` whose result would take more than :data:`LAG_MEMORY_LIMIT` bytes
+    raises :class:`~symgate.ShapeError` rather than allocating lags that have no value.
     """
     if not isinstance(max_lag, (int, np.integer)) or isinstance(max_lag, bool) or max_lag < 0:
         raise ShapeError(f"max_lag must be an integer >= 0, got {max_lag!r}")
@@ -304,6 +320,7 @@ def effective_lrs(
     vals = step_values(cell, params, traj)
     T, B = traj.x.shape[:2]
     n = traj.states[elr.state].shape[-1]
+    _check_lag_memory(int(max_lag), T, B, n)
     shape = (T, B, n)
     w, lam = (np.ascontiguousarray(_per_unit(argument_form(cell, e), vals, shape)) for e in (elr.write_gain_unit, elr.leak_unit))
     # the logs of the factors in the log domain: log(1 - g) = -softplus(u) is finite where 1 - g underflows;

@@ -27,7 +27,8 @@ BATCHES = (1, 2, STEP_WGRAD_MIN_B - 1, STEP_WGRAD_MIN_B, STEP_WGRAD_MIN_B + 1, 1
 SIZES = [(B, 3, 4) for B in BATCHES] + [(7, 40, 3), (17, 40, 3)]
 FAST_SIZES = [(1, 3, 4), (STEP_WGRAD_MIN_B - 1, 3, 4), (STEP_WGRAD_MIN_B, 3, 4), (17, 40, 3)]
 FAST_CELLS = ["fc_xgate", "fc_xcandidate", "fc_static_chain", "fc_matrix_first", "fc_two_state",
-              "fc_functions", "fc_scalar_gate", "fc_vector_recurrence", "fc_shared_node", "fc_input_elementwise"]
+              "fc_functions", "fc_scalar_gate", "fc_vector_recurrence", "fc_shared_node", "fc_input_elementwise",
+              "fc_one_unit_state"]
 #: run-plan policies that force one side of a size-dependent decision at any size
 POLICIES = {
     "default": DEFAULT_POLICY,

@@ -114,11 +114,11 @@ def _result_slots(em: Emitter, slots: list[Slot]) -> list[int]:
 
 def _checked(em: Emitter, slots: list[Slot], n_inputs: int) -> str:
     p, lay = em.plan, em.layout
-    dim = {s: lay.dim_code[p.dim_of[s]] for s in p.states}
+    dim = {s: lay.ctx_dim(p.dim_of[s]) for s in p.states}
     in_checks = [f"    if c.{s.code} != NULL and not all_finite(c.{s.code}, sz[{k}]):\n        return {k + 1}"
                  for k, s in enumerate(slots[:n_inputs])]
-    zero_carry = [f"        memset(c.CA{k}, 0, sizeof(real)*c.B*c.{dim[st]})" for k, st in enumerate(p.states)]
-    tangent_checks = [f"        if not all_finite(c.TS{k}, (c.T + 1)*c.B*c.{dim[st]}):\n            return -3"
+    zero_carry = [f"        memset(c.CA{k}, 0, sizeof(real)*c.B*{dim[st]})" for k, st in enumerate(p.states)]
+    tangent_checks = [f"        if not all_finite(c.TS{k}, (c.T + 1)*c.B*{dim[st]}):\n            return -3"
                       for k, st in enumerate(p.states)]
     result_checks = [f"        if c.{slots[k].code} != NULL and not all_finite(c.{slots[k].code}, sz[{k}]):\n            return -4"
                      for k in _result_slots(em, slots)]

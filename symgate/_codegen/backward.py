@@ -69,7 +69,7 @@ def _cols(em: Emitter, g: Group) -> str:
 def _init(em: Emitter) -> list[str]:
     p, lay = em.plan, em.layout
     out = ["    if c.GX != NULL:  # the input gradient is optional (not needed to train)",
-           "        memset(c.GX, 0, sizeof(real)*c.T*c.B*c." + lay.dim_code[p.dim_of[p.xname]] + ")"]
+           "        memset(c.GX, 0, sizeof(real)*c.T*c.B*" + lay.ctx_dim(p.dim_of[p.xname]) + ")"]
     for nm, code in lay.vector_code.items():
         dd = p.shape_of[nm][0]
         out.append(f"    memset(c.G{code}, 0, sizeof(real)*{('c.' + lay.dim_code[dd]) if dd != 1 else '1'})")
@@ -85,7 +85,7 @@ def _step_group(em: Emitter, g: Group, tgt: Any, beta: str) -> list[str]:
     c_ = _cols(em, g)
     sp_t, ld_t = source_block(em, g.source, "t")
     if g.source in lay.node_code:
-        ld_t = f"c.{lay.dim_code[p.dim_of[g.source]]}"
+        ld_t = lay.ctx_dim(p.dim_of[g.source])
     out = ["        if c.wstep: " + em.mm("bptt.weight_gradient_step", 1, 0, c_, f"c.R{g.index}", "B",
                                          f"1, {sp_t}, {ld_t}, c.L{g.index} + t*c.stL{g.index}, c.R{g.index}, "
                                          f"0 if t == T - 1 else 1, c.WT{g.index}, c.R{g.index}"),
@@ -128,14 +128,14 @@ def _reverse_loop(em: Emitter, step_calls: list[Any], static_calls: list[Any], s
     p, lay = em.plan, em.layout
     out = ["    for t in range(T - 1, -1, -1):"]
     for k, s in enumerate(p.states):
-        dd = lay.dim_code[p.dim_of[s]]
-        out += [f"        if c.has_cot{k}:", f"            axpy(B*c.{dd}, 1, c.C{k} + t*B*c.{dd}, ca{k})"]
+        dd = lay.ctx_dim(p.dim_of[s])
+        out += [f"        if c.has_cot{k}:", f"            axpy(B*{dd}, 1, c.C{k} + t*B*{dd}, ca{k})"]
     for it in step_calls:
         out += _step_group(em, *it) if isinstance(it, tuple) else [f"        {it}"]
     out += _static_wgrad_steps(em, static_calls)
     for k, s in enumerate(p.states):
         if f"CN{k}|0" not in step_written:
-            out.append(f"        memset(cn{k}, 0, sizeof(real)*B*c.{lay.dim_code[p.dim_of[s]]})")
+            out.append(f"        memset(cn{k}, 0, sizeof(real)*B*{lay.ctx_dim(p.dim_of[s])})")
         out.append(f"        tmp = ca{k}; ca{k} = cn{k}; cn{k} = tmp")
     return out
 
@@ -144,7 +144,7 @@ def _after_loop(em: Emitter, colsums: list[tuple]) -> list[str]:
     p, lay = em.plan, em.layout
     out = []
     for k, s in enumerate(p.states):
-        out += [f"    if ca{k} != c.CA{k}:", f"        memcpy(c.CA{k}, ca{k}, sizeof(real)*c.B*c.{lay.dim_code[p.dim_of[s]]})"]
+        out += [f"    if ca{k} != c.CA{k}:", f"        memcpy(c.CA{k}, ca{k}, sizeof(real)*c.B*{lay.ctx_dim(p.dim_of[s])})"]
     for gp, buf, ld, off, dd in colsums:
         offc = "" if off == "0" else " + " + ctx_expr(off)
         out.append(f"    colsum(c.T*c.B, {lay.ctx_dim(dd)}, c.{buf}{offc}, {'c.' + ld if ld != '1' else '1'}, c.{gp})")
@@ -152,7 +152,7 @@ def _after_loop(em: Emitter, colsums: list[tuple]) -> list[str]:
     for g in p.dynamic_groups:
         sp, ld = source_block(em, g.source, "0")
         if g.source in lay.node_code:
-            ld = f"c.{lay.dim_code[p.dim_of[g.source]]}"
+            ld = lay.ctx_dim(p.dim_of[g.source])
         c_ = _cols(em, g)
         # as the transpose (source^T adjoint: the long adjoint array is BLAS's untransposed operand,
         # measured faster), into the free transposed-weights buffer, then transposed into place

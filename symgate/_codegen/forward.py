@@ -112,5 +112,5 @@ def forward_driver(em: Emitter, static_calls: list[object], step_calls: list[obj
     in_loop = em.plan.input_products_in_loop()
     out += _static_part(em, static_calls, in_loop)
     for k, s in enumerate(em.plan.states):
-        out.append(f"    memcpy(c.S{k}, c.H{k}, sizeof(real)*c.B*c.{em.layout.dim_code[em.plan.dim_of[s]]})")
+        out.append(f"    memcpy(c.S{k}, c.H{k}, sizeof(real)*c.B*{em.layout.ctx_dim(em.plan.dim_of[s])})")
     return out + _time_step(em, static_calls, step_calls, in_loop)

@@ -52,6 +52,6 @@ def jvp_driver(em: Emitter, funcs: list[str]) -> list[str]:
     out = ["    # stacked tangent weights"] + stacked_weights(em, tangent=True)
     out += _ops(em, funcs, em.plan.static_ops, True)
     for k, s in enumerate(em.plan.states):
-        out.append(f"    memcpy(c.TS{k}, c.TH{k}, sizeof(real)*c.B*c.{em.layout.dim_code[em.plan.dim_of[s]]})")
+        out.append(f"    memcpy(c.TS{k}, c.TH{k}, sizeof(real)*c.B*{em.layout.ctx_dim(em.plan.dim_of[s])})")
     out.append("    for t in range(T):")
     return out + _ops(em, funcs, em.plan.dynamic_ops, False)

@@ -6,7 +6,9 @@
 * ``all_finite``: a NaN/inf test by bit pattern, which ``-ffast-math`` cannot remove;
 * ``mm``: row-major ``C = alpha op(A) op(B) + beta C`` through column-major BLAS on the
   transposes, or plain loops (``small_mm``) for products the run plan routes there;
-* ``transpose``, ``colsum``, ``axpy``.
+* ``transpose``, ``colsum``, ``axpy``;
+* ``bindings_moved``: a prepared step's per-call check that its bound arrays still have the
+  data pointer, shape and strides they had when bound.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from libc.math cimport tanh{f}, exp{f}, expm1{f}, copysign{f}, log{f}, log1p{f},
 from libc.string cimport memcpy, memset
 from libc.stdint cimport {bits}{extra_uint}
 from scipy.linalg.cython_blas cimport {gemm}
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_STRIDES
 
 ctypedef {rt} real
 
@@ -195,6 +198,31 @@ cdef void axpy(Py_ssize_t n, real s, const real* x, real* y) noexcept nogil:
 """
 
 
+_BINDINGS = """def bindings_moved(tuple arrays, long long[::1] expect):
+    # the index of the first array whose data pointer, ndim, shape or strides differ from expect
+    # (per array: pointer, ndim, shape[ndim], strides[ndim]), or -1: a prepared step's check that
+    # the arrays it bound were not resized or reallocated since (a few hundred ns for all of them)
+    cdef Py_buffer view
+    cdef Py_ssize_t i, d, at = 0, nd
+    cdef bint moved
+    for i in range(len(arrays)):
+        PyObject_GetBuffer(arrays[i], &view, PyBUF_STRIDES)
+        nd = expect[at + 1]
+        moved = <long long>view.buf != expect[at] or view.ndim != nd
+        d = 0
+        while not moved and d < nd:
+            moved = view.shape[d] != expect[at + 2 + d] or view.strides[d] != expect[at + 2 + nd + d]
+            d += 1
+        PyBuffer_Release(&view)
+        if moved:
+            return i
+        at += 2 + 2*nd
+    return -1
+
+
+"""
+
+
 def prelude(dtype: np.dtype) -> str:
     """The module text before the context struct, for ``dtype`` (float32 or float64)."""
     single = dtype == np.float32
@@ -206,5 +234,5 @@ def prelude(dtype: np.dtype) -> str:
         "extra_uint": ", uint64_t" if single else "",
         "expmask": "0x7f800000U" if single else "0x7ff0000000000000ULL",
     }
-    parts = (_IMPORTS, _PRIMITIVES, _CHECKS, _SMALL_MM, _PRODUCTS)
+    parts = (_IMPORTS, _PRIMITIVES, _CHECKS, _SMALL_MM, _PRODUCTS, _BINDINGS)
     return "\n".join(part.format(**fields) for part in parts)

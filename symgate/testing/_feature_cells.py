@@ -11,7 +11,7 @@ entry names the features it exercises:
 * vector and scalar parameters acting on the state (``w*h``, ``s*h``), biases, constants;
 * gates from a scalar parameter (``sigmoid(theta)``), scalar gates (one-row matrices),
   gates marked with ``as_gate``;
-* two states, Linear nodes reading gated states (``W (r*h)``), chains that start with a
+* two states (also of different sizes: a one-unit ``State(1)``), Linear nodes reading gated states (``W (r*h)``), chains that start with a
   parameter matrix (``W (g*h)`` read directly by the update);
 * matrices applied to a parameter alone (``P @ c``, ``Q @ v``);
 * every elementwise function (tanh, sigmoid, exp, log, softplus) and arithmetic
@@ -129,6 +129,15 @@ def _two_state() -> Cell:
     return _make("fc_two_state", specs, body)
 
 
+def _one_unit_state() -> Cell:
+    def body(h, s, x, W, U, ws, wg, k):  # type: ignore[no-untyped-def]
+        # a one-unit state s (State(1)) broadcast into the vector state's update, and read back by wg @ h
+        return tanh(W @ h + U @ x + ws * s), tanh(k * s + wg @ h)
+    specs = {"h": State("n"), "s": State(1), "x": Input("m"), "W": Matrix("n", "n"), "U": Matrix("n", "m"),
+             "ws": Vector("n"), "wg": Matrix(1, "n"), "k": Scalar()}
+    return _make("fc_one_unit_state", specs, body)
+
+
 def _functions() -> Cell:
     def body(h, x, W, U, Wg, b):  # type: ignore[no-untyped-def]
         a = W @ h + U @ x + b
@@ -208,6 +217,7 @@ FEATURES: dict[str, tuple[Callable[[], Cell], tuple[str, ...]]] = {
     "fc_reset": (_reset, ("Linear reading a gated state",)),
     "fc_matrix_first": (_matrix_first_chain, ("chain starting with a parameter matrix",)),
     "fc_two_state": (_two_state, ("two states",)),
+    "fc_one_unit_state": (_one_unit_state, ("one-unit state (State(1))", "two states of different sizes")),
     "fc_functions": (_functions, ("softplus", "exp", "log")),
     "fc_arithmetic": (_arithmetic, ("division", "powers")),
     "fc_log_domain": (_log_domain_gate, ("as_gate", "exp of softplus")),
