@@ -172,8 +172,8 @@ def _cmd_codegen(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SymgateError(f"cannot create output directory {str(out)!r}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise SymgateError(f"cannot create output directory {str(out)!r}: {getattr(exc, 'strerror', None) or exc}") from None
     dtypes = ["float64", "float32"] if args.dtype == "both" else [args.dtype]
     for dt in dtypes:
         path = out / f"{c.name}_{dt}.pyx"  # the cell name is a validated identifier

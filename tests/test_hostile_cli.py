@@ -78,7 +78,8 @@ def _one_line_error(r: subprocess.CompletedProcess, fragment: str) -> None:
 @contextlib.contextmanager
 def _server(mode: str) -> Iterator[int]:
     """A loopback TCP server on a free port, in a thread: ``silent`` accepts and never
-    answers; ``garbage`` sends random bytes; ``huge`` announces a 2 EiB message."""
+    answers; ``garbage`` sends random bytes; ``huge`` announces a 2 EiB message; ``closer``
+    hangs up at once."""
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(16)
@@ -102,6 +103,8 @@ def _server(mode: str) -> Iterator[int]:
                     c.sendall(rng.randbytes(4096))
                 elif mode == "huge":
                     c.sendall(struct.pack("<Q", 2**61 + 12345) + rng.randbytes(64))
+                elif mode == "closer":
+                    c.close()
             except OSError:
                 pass
 
@@ -263,6 +266,70 @@ def test_cli_on_a_server_announcing_a_huge_message(tmp_path: Path) -> None:
 
 
 @error
+def test_execute_on_a_server_that_hangs_up_at_once() -> None:
+    with _server("closer") as port:
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match=f"the server at 'tcp://127.0.0.1:{port}' did not answer as a Dask scheduler"):
+            execute(_jobs(), scheduler=f"tcp://127.0.0.1:{port}", progress=False, connect_timeout=5.0)
+        assert time.monotonic() - t0 < 5
+
+
+@error
+def test_execute_on_a_host_that_does_not_resolve() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="cannot reach the Dask scheduler at 'tcp://no-such-host.invalid:8786'"):
+        execute(_jobs(), scheduler="tcp://no-such-host.invalid:8786", progress=False)
+    assert time.monotonic() - t0 < 6  # a resolver that never answers is cut off by the probe's timeout
+
+
+@error
+def test_execute_inside_a_running_event_loop_still_times_out() -> None:
+    """From a notebook (an event loop already runs in this thread) the client gets its own loop."""
+    import asyncio
+
+    async def from_a_notebook(port: int) -> None:
+        execute(_jobs(), scheduler=f"tcp://127.0.0.1:{port}", progress=False, connect_timeout=1.0)
+
+    with _server("silent") as port:
+        with pytest.raises(ConfigError, match="no Dask scheduler answered"):
+            asyncio.run(from_a_notebook(port))
+
+
+_SCHEDULER_SCRIPT = """
+import time
+from distributed import LocalCluster
+c = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
+                 dashboard_address=":0", silence_logs=50)
+print(c.scheduler_address, flush=True)
+time.sleep(300)
+"""
+
+
+@error
+@pytest.mark.slow
+def test_a_scheduler_that_dies_during_the_sweep() -> None:
+    from symgate.experiments.s1 import S1Settings
+
+    jobs = jobs_for("s1", S1Settings.quick(), list(range(1, 17)))  # far more than 3 s of work
+    p = subprocess.Popen([sys.executable, "-c", _SCHEDULER_SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        address = p.stdout.readline().strip()
+        killer = threading.Timer(3.0, p.kill)
+        killer.start()
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match=f"lost the Dask scheduler at '{address}' during the sweep"):
+            execute(jobs, scheduler=address, progress=False)
+        assert time.monotonic() - t0 < 30
+        killer.join()
+    finally:
+        p.kill()
+        p.wait(30)
+        if p.stdout is not None:
+            p.stdout.close()
+
+
+@error
 def test_execute_rejects_absurd_worker_counts_and_timeouts() -> None:
     with pytest.raises(ConfigError, match=r"workers must be an integer in 1\.\.512"):
         execute(_jobs(), scheduler="local", workers=10**30, progress=False)
@@ -406,6 +473,31 @@ def test_a_cell_file_without_a_name(tmp_path: Path, capsys: pytest.CaptureFixtur
     _fails(capsys, ["derive", f"{f}:"], "is not a valid Python name")
 
 
+@error
+def test_a_device_as_the_cell_file(capsys: pytest.CaptureFixture[str]) -> None:
+    """Not read (a FIFO would block forever): named as not a regular file."""
+    _fails(capsys, ["derive", f"{os.devnull}:c"], "is not a regular file")
+
+
+@error
+def test_a_cell_path_of_ten_thousand_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    line = _fails(capsys, ["derive", "x" * 10_000 + ".py:c"], "does not exist")
+    assert len(line) < 400
+
+
+@error
+@pytest.mark.parametrize("body, name, fragment", [
+    ("c = print\n", "c", "*args/**kwargs are not supported"),
+    ("class K:\n    pass\n", "K", "has no State argument"),
+    ("x = 1\n", "x", "neither a symgate Cell nor a function"),
+])
+def test_a_name_that_is_not_a_cell(body: str, name: str, fragment: str, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "objs.py"
+    f.write_text(body)
+    _fails(capsys, ["derive", f"{f}:{name}"], fragment)
+
+
 @result
 def test_a_cell_file_with_a_dataclass_and_postponed_annotations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The module is registered while it runs, as dataclasses (and pickle) expect."""
@@ -442,6 +534,17 @@ def test_huge_counts_are_one_line_errors(argv: list[str], fragment: str, tmp_pat
                                          capsys: pytest.CaptureFixture[str]) -> None:
     if argv[0] == "reproduce":
         argv = [*argv, "--out", str(tmp_path / "o"), "--scheduler", "serial"]
+    _fails(capsys, argv, fragment)
+
+
+@error
+@pytest.mark.parametrize("argv, fragment", [
+    (["codegen", "gru", "-o", "a\0b"], "cannot create output directory 'a\\x00b': embedded null byte"),
+    (["reproduce", "appendix", "--quick", "--scheduler", "serial", "--out", "a\0b"],
+     "cannot write to the output directory 'a\\x00b'"),
+    (["reproduce", "s1", "--quick", "--scheduler", "serial", "--task", "nope", "--out", "unused"], "unknown task 'nope'"),
+])
+def test_paths_with_a_nul_byte_and_unknown_tasks(argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]) -> None:
     _fails(capsys, argv, fragment)
 
 

@@ -62,7 +62,7 @@ def _writable(out: str) -> None:
         os.makedirs(out, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-", delete=True):
             pass
-    except OSError as exc:
+    except (OSError, ValueError, TypeError) as exc:  # ValueError: a NUL byte; TypeError: not a path
         raise ConfigError(f"cannot write to the output directory {out!r}: {exc}") from exc
 
 

@@ -304,33 +304,39 @@ async def _close(client: Any) -> None:
 async def _execute_remote(jobs: list[Job], address: str, bar: Any, timeout: float, shown: float) -> list[dict]:
     """The jobs on the scheduler at ``address``: the client connects and finishes the
     handshake within ``timeout`` s (Dask's own timeout covers only the TCP connect;
-    ``shown`` is the whole connection time allowed, for the message)."""
-    from distributed import Client, as_completed  # imported by _distributed() before the loop started
-
+    ``shown`` is the whole connection time allowed, for the message).  Dask's client logs
+    are muted meanwhile: what goes wrong is the one ConfigError raised here."""
     quiet = [logging.getLogger(n) for n in ("distributed.client", "distributed.comm", "distributed.core")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:
         lg.setLevel(logging.CRITICAL)
-    client = None
     try:
-        try:
-            client = Client(address, asynchronous=True, timeout=f"{timeout}s", set_as_default=False)
-            await asyncio.wait_for(client, timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            raise ConfigError(f"no Dask scheduler answered at {address!r} within {shown:g} s "
-                              "(the connection was accepted but the handshake did not finish)") from None
-        except MemoryError as exc:
-            raise ConfigError(f"the server at {address!r} does not speak the Dask protocol "
-                              f"(its reply announced an impossible size: {_one_line(exc)})") from None
-        except ConfigError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - anything the handshake raises is about the server
-            raise ConfigError(f"the server at {address!r} did not answer as a Dask scheduler ({_one_line(exc)})") from None
+        return await _remote_session(jobs, address, bar, timeout, shown)
     finally:
         for lg, lv in zip(quiet, levels):
             lg.setLevel(lv)
-        if client is not None and client.status != "running":
+
+
+async def _remote_session(jobs: list[Job], address: str, bar: Any, timeout: float, shown: float) -> list[dict]:
+    from distributed import Client, as_completed  # imported by _distributed() before the loop started
+
+    client = None
+    try:
+        client = Client(address, asynchronous=True, timeout=f"{timeout}s", set_as_default=False)
+        await asyncio.wait_for(client, timeout)
+    except BaseException as exc:
+        if client is not None:
             await _close(client)
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            raise ConfigError(f"no Dask scheduler answered at {address!r} within {shown:g} s "
+                              "(the connection was accepted but the handshake did not finish)") from None
+        if isinstance(exc, MemoryError):
+            raise ConfigError(f"the server at {address!r} does not speak the Dask protocol "
+                              f"(its reply announced an impossible size: {_one_line(exc)})") from None
+        if isinstance(exc, Exception) and not isinstance(exc, ConfigError):
+            # anything else the handshake raises is about the server
+            raise ConfigError(f"the server at {address!r} did not answer as a Dask scheduler ({_one_line(exc)})") from None
+        raise
     try:
         futures = client.map(run_job, jobs, pure=False)
         index = {f.key: i for i, f in enumerate(futures)}
