@@ -155,6 +155,7 @@ def _strip(r: dict) -> dict:
     ("tcp://:8786", "invalid scheduler 'tcp://:8786'"),
     ("tcp://ho st:8786", "invalid scheduler address"),
     ("tcp://h/../x:8786", "invalid host 'h/../x'"),
+    ("tcp://[::1]", "no port in the scheduler address 'tcp://[::1]'"),
 ])
 def test_cli_rejects_a_malformed_scheduler_address_up_front(address: str, fragment: str, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
@@ -178,6 +179,7 @@ def test_scheduler_addresses_that_are_accepted() -> None:
     assert parse_scheduler("tls://sched.example.org:1") == ("tls://sched.example.org:1", "tls", "sched.example.org", 1)
     assert parse_scheduler("tcp://[::1]:65535") == ("tcp://[::1]:65535", "tcp", "::1", 65535)
     assert parse_scheduler("ws://node-3:8786")[1:] == ("ws", "node-3", 8786)
+    assert parse_scheduler("TCP://node-3:08786")[0] == "tcp://node-3:8786"
 
 
 @error
@@ -210,11 +212,14 @@ def test_cli_on_a_closed_port_fails_within_5_s(tmp_path: Path, capsys: pytest.Ca
 
 @error
 def test_execute_on_a_server_that_accepts_and_never_answers_times_out() -> None:
+    before = {t.ident for t in threading.enumerate() if not t.daemon}
     with _server("silent") as port:
         t0 = time.monotonic()
         with pytest.raises(ConfigError, match=f"no Dask scheduler answered at 'tcp://127.0.0.1:{port}' within 2 s"):
             execute(_jobs(), scheduler=f"tcp://127.0.0.1:{port}", progress=False, connect_timeout=2.0)
         assert time.monotonic() - t0 < 5  # 2 s of handshake, then the client is closed
+    # no thread is left that would keep the process alive at exit
+    assert {t.ident for t in threading.enumerate() if not t.daemon} <= before
 
 
 @error

@@ -138,10 +138,17 @@ def parse_scheduler(scheduler: Any) -> tuple[str, str, str, int]:
     scheme, sep, rest = scheduler.partition("://")
     if not sep:
         scheme, rest = "tcp", scheduler
+    scheme = scheme.lower()
     if scheme not in ADDRESS_SCHEMES:
         raise ConfigError(f"unsupported scheduler address scheme {scheme!r} in {scheduler!r}: "
                           f"use {', '.join(s + '://' for s in ADDRESS_SCHEMES)}, 'serial' or 'local'")
-    host, colon, port_text = rest.rpartition(":")
+    if rest.startswith("[") and "]" in rest:  # an IPv6 host: [addr]:port
+        close = rest.index("]") + 1
+        host, colon, port_text = rest[:close], rest[close:close + 1], rest[close + 1:]
+        if colon != ":":
+            raise ConfigError(f"no port in the scheduler address {scheduler!r}: give {scheme}://{host}:PORT")
+    else:
+        host, colon, port_text = rest.rpartition(":")
     if not colon or not host:
         raise ConfigError(f"invalid scheduler {scheduler!r}: {hint}")
     if not _HOST.match(host) or (not host.startswith("[") and ":" in host):
