@@ -3,8 +3,10 @@
 Packaging metadata lives in ``pyproject.toml``.  This file adds the extension
 modules: symgate's own generator (run from this source tree) writes the Cython
 source of every built-in cell's kernel in float32 and float64, and each is compiled
-into ``symgate._kernels.k_<content hash>`` with the same flags as kernels compiled
-on demand.  A user of the built-in cells then needs no compiler at run time.
+into ``symgate._kernels.k_<content hash>`` with the flags of kernels compiled on
+demand, but for a portable instruction set (``x86-64-v3`` on x86-64, see
+``symgate._aot``) instead of ``-march=native``: a wheel or image built here runs on other
+CPUs, and each module records the level it needs.  A user of the built-in cells then needs no compiler at run time.
 
 Set ``SYMGATE_NO_AOT=1`` to skip them (a pure-Python install; kernels are then
 compiled on first use into the cache).
@@ -34,8 +36,7 @@ def _ext_modules() -> list:
     sys.path.insert(0, HERE)  # import the generator from the tree being built (this process only)
     from Cython.Build import cythonize
 
-    from symgate._aot import builtin_sources
-    from symgate._build import CFLAGS
+    from symgate._aot import aot_cflags, builtin_sources
 
     out_dir = os.path.join(HERE, "build", "symgate-aot")
     os.makedirs(out_dir, exist_ok=True)
@@ -53,7 +54,7 @@ def _ext_modules() -> list:
         if old != source:  # keep timestamps of unchanged sources: no needless rebuilds
             with open(pyx, "w") as f:
                 f.write(source)
-        exts.append(Extension(name, [os.path.relpath(pyx, HERE)], extra_compile_args=list(CFLAGS), libraries=["m"]))
+        exts.append(Extension(name, [os.path.relpath(pyx, HERE)], extra_compile_args=list(aot_cflags()), libraries=["m"]))
     return cythonize(exts, language_level=3, quiet=True, nthreads=os.cpu_count() or 1)
 
 
