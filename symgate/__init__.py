@@ -19,4 +19,4 @@ from ._transport import decoupled as decoupled, effective_lrs as effective_lrs
 from ._transport import lag_weighted_gradients as lag_weighted_gradients, per_lag_gradients as per_lag_gradients
 from . import analogies as analogies
 from ._compiled import CompiledKernel as CompiledKernel, compile as compile, kernels as kernels
-from ._build import BuildError as BuildError, SymgateWarning as SymgateWarning
+from ._build import BuildError as BuildError, CompilerNotFoundError as CompilerNotFoundError, SymgateWarning as SymgateWarning

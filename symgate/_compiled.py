@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ._aot import load as load_aot
-from ._build import SymgateWarning, build_module
+from ._build import CompilerNotFoundError, SymgateWarning, build_module
 from ._cell import Cell, Dim
 from ._codegen import BACKWARD, DEFAULT_POLICY, FORWARD, JVP, LOSS_LAST, LOSS_STEP, GeneratedSource, KernelPlan, Policy, RunOptions, Slot, cell_plan, generate, run_plan, structural_decisions
 from ._errors import CellSpecError, ConcurrentUseError, DTypeError, NonFiniteError, NumericalError, ShapeError, SymgateError
@@ -533,9 +533,13 @@ def kernels(cell: Cell, dtype: Any = "float64") -> ReferenceKernel:
 
     try:
         return compile(cell, dtype)
+    except CompilerNotFoundError as exc:  # no C compiler: the numpy reference still works
+        warnings.warn(f"cell {cell.name!r}: no compiled kernel ({exc.args[0].splitlines()[0]}); using the numpy reference kernel",
+                      SymgateWarning, stacklevel=2)
+        return reference_kernel(cell, dtype)
     except SymgateError:
         raise
-    except (OSError, ImportError) as exc:  # no C compiler (or no Cython): the numpy reference still works
+    except (OSError, ImportError) as exc:  # no Cython: the numpy reference still works
         warnings.warn(f"cell {cell.name!r}: no compiled kernel ({type(exc).__name__}: {exc}); using the numpy reference kernel",
                       SymgateWarning, stacklevel=2)
         return reference_kernel(cell, dtype)

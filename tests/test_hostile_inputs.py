@@ -443,3 +443,24 @@ def test_an_overflow_is_named_as_one(backend: str) -> None:
     x = np.random.default_rng(0).standard_normal((40, 2, M))
     with pytest.raises(sg.NumericalError, match=r"is infinite although every input is finite: an overflow"):
         k.forward({"W": np.full((N, N), 5.0), "U": np.ones((N, M))}, x, np.ones((2, N)))
+
+
+# --------------------------------------------------------------------------- no compiler
+@result
+def test_kernels_without_a_compiler_falls_back_to_the_reference_with_a_warning(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("SYMGATE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+
+    @sg.cell
+    def no_cc(h: sg.State("n"), x: sg.Input("m"), W: sg.Matrix("n", "n"), U: sg.Matrix("n", "m")):
+        return 0.6 * h + 0.4 * sg.tanh(W @ h + U @ x)
+
+    with pytest.raises(sg.CompilerNotFoundError, match="no C compiler found"):
+        sg.compile(no_cc)
+    with pytest.warns(sg.SymgateWarning, match="no compiled kernel .*no C compiler found.*numpy reference"):
+        k = sg.kernels(no_cc)
+    assert k.backend == "numpy-reference"
+    params, x, loss = _problem(no_cc)
+    assert float(k.backward(params, x, loss=loss).value) > 0
+    # a built-in cell needs no compiler: its prebuilt kernel loads
+    assert sg.kernels(cached_builtin("gru")).backend == "compiled"
