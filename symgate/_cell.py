@@ -101,6 +101,13 @@ def _check_name(name: str, what: str) -> str:
     return name
 
 
+def name_args(**values: Any) -> None:
+    """Raise :class:`CellSpecError` for any argument that should name a state, parameter or split and is not a string."""
+    for arg, v in values.items():
+        if v is not None and not isinstance(v, str):
+            raise CellSpecError(f"{arg} must be a name (a str) or None, got {type(v).__name__}")
+
+
 def _check_dim(d: Any, what: str) -> Dim:
     if isinstance(d, bool):
         raise CellSpecError(f"{what}: dimension {d!r} must be a name such as 'n' or the integer 1")

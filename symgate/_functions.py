@@ -21,9 +21,11 @@ cell quantity (inside a cell body) or an ordinary SymPy expression.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
 import numpy as np
+
 import sympy
 
 __all__ = [
@@ -208,7 +210,12 @@ def _apply(func: type, u: Any) -> Any:
 
     if isinstance(u, Var):
         return u._apply(func)
-    return func(sympy.sympify(u))
+    if isinstance(u, (numbers.Real, sympy.Expr)) and not isinstance(u, (bool, np.bool_)):
+        return func(sympy.sympify(u))
+    from ._errors import CellSpecError
+
+    raise CellSpecError(f"symgate.{getattr(func, '__name__', func).lower()} takes a quantity of a cell body or a number, "
+                        f"got {type(u).__module__}.{type(u).__qualname__}")
 
 
 def sigmoid(u: Any) -> Any:

@@ -32,7 +32,7 @@ from ._derive import jacobian, parameter_jacobian
 from ._derive._expansion import effective_lr, retention_state, split as make_split
 from ._derive._jacobian import ORIGINS, StructuredJacobian, _LAMBDIFIED
 from ._derive._stable import argument_form, log_abs
-from ._errors import ShapeError
+from ._errors import CellSpecError, DTypeError, ShapeError
 from ._linalg import matmul
 from ._reference import Trajectory, reference_kernel
 
@@ -74,6 +74,10 @@ def _per_unit(expr: sympy.Expr, vals: Mapping[str, Any], shape: tuple[int, ...])
 def decoupled(cell: Cell, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A copy of ``params`` with every recurrent matrix (a Linear reading a state-dependent
     quantity) set to zero: the coupling switched off, the state Jacobian reduced to its leak."""
+    if not isinstance(cell, Cell):
+        raise CellSpecError(f"expected a symgate Cell, got {type(cell).__name__}")
+    if not isinstance(params, Mapping) or not all(isinstance(v, np.ndarray) for v in params.values()):
+        raise DTypeError(f"params must be a dict of numpy arrays, got {type(params).__name__}")
     dynamic: set[UnitSymbol] = {s.symbol for s in cell.states}
     recurrent: set[str] = set()
     for nd in cell.nodes:

@@ -464,3 +464,24 @@ def test_kernels_without_a_compiler_falls_back_to_the_reference_with_a_warning(t
     assert float(k.backward(params, x, loss=loss).value) > 0
     # a built-in cell needs no compiler: its prebuilt kernel loads
     assert sg.kernels(cached_builtin("gru")).backend == "compiled"
+
+
+# --------------------------------------------------------------------------- symbolic API arguments
+@error
+@pytest.mark.parametrize("call, fragment", [
+    (lambda c: sg.jacobian(c, np.zeros(3)), "of must be a name"),
+    (lambda c: sg.parameter_jacobian(c, ["W"]), "param must be a name"),
+    (lambda c: sg.parameter_jacobians(c, of=3), "of must be a name"),
+    (lambda c: sg.effective_lr(c, {"W": 1}), "param must be a name"),
+    (lambda c: sg.split(c, 3), "how must be a named split"),
+    (lambda c: sg.expansion(c, None), "how must be a named split"),
+    (lambda c: sg.decoupled(c, None), "params must be a dict of numpy arrays"),
+    (lambda c: sg.tanh([1.0, 2.0]), "symgate.tanh takes a quantity of a cell body or a number, got builtins.list"),
+    (lambda c: sg.sigmoid(None), "symgate.sigmoid takes"),
+    (lambda c: sg.log(c), "symgate.log takes"),
+], ids=["jacobian-of", "pjac-param", "pjacs-of", "elr-param", "split-how", "expansion-how", "decoupled", "tanh-list",
+        "sigmoid-none", "log-cell"])
+def test_symbolic_api_arguments_of_the_wrong_type_are_named(vg: sg.Cell, call: Callable[[sg.Cell], Any],
+                                                            fragment: str) -> None:
+    with pytest.raises(sg.CellSpecError if "dict of numpy" not in fragment else sg.DTypeError, match=fragment):
+        call(vg)

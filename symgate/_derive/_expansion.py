@@ -50,7 +50,7 @@ import sympy
 from sympy import IndexedBase, Product, Sum
 from sympy.matrices.expressions import MatrixExpr
 
-from .._cell import Cell, UnitSymbol, dim_symbol
+from .._cell import Cell, UnitSymbol, dim_symbol, name_args
 from .._errors import CellSpecError
 from ._jacobian import ORIGINS, StructuredJacobian, Term, jacobian, mul_chain, parameter_jacobian
 from ._local import time_constant_nodes
@@ -158,6 +158,7 @@ def retention_state(cell: Cell, state: str | None = None) -> str:
     """The state whose retention defines the effective learning rate: ``state`` if given,
     else the first state with a leak term (``c`` for the LSTM), else the first state."""
     names = cell.state_names
+    name_args(state=state)
     if state is not None:
         if state not in names:
             raise CellSpecError(f"{state!r} is not a state of cell {cell.name!r}; states are {names}")
@@ -203,6 +204,8 @@ def split(cell: Cell, how: str | Sequence[str] = "appendix", *, state: str | Non
             raise CellSpecError(f"unknown split {how!r}; named splits are {sorted(SPLITS)} (or pass a tuple of origins)")
         name, origins = how, SPLITS[how]
     else:
+        if not isinstance(how, (list, tuple, set, frozenset)) or not all(isinstance(o, str) for o in how):
+            raise CellSpecError(f"how must be a named split {sorted(SPLITS)} or a tuple of origin names, got {how!r}")
         origins = tuple(how)
         bad = [o for o in origins if o not in ORIGINS]
         if bad:
@@ -508,6 +511,7 @@ def effective_lr(cell: Cell, param: str | None = None, *, state: str | None = No
     """
     if not isinstance(cell, Cell):
         raise CellSpecError(f"expected a symgate Cell, got {type(cell).__name__}")
+    name_args(param=param, state=state, convention=convention)
     if convention not in CONVENTIONS:
         raise CellSpecError(f"unknown convention {convention!r}; conventions are {CONVENTIONS}")
     s = retention_state(cell, state)

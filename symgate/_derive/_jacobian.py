@@ -72,7 +72,7 @@ import numpy as np
 import sympy
 from sympy.matrices.expressions import Identity, KroneckerProduct, MatrixSymbol, OneMatrix, ZeroMatrix
 
-from .._cell import Cell, Dim, UnitSymbol, dim_symbol
+from .._cell import Cell, Dim, UnitSymbol, dim_symbol, name_args
 from .._errors import CellSpecError, ShapeError, StateIndependenceError
 from .._functions import NUMPY_FUNCTIONS
 from .._linalg import matmul
@@ -770,6 +770,7 @@ def jacobian(cell: Cell, of: str | None = None, wrt: str | None = None) -> Any:
     """
     if not isinstance(cell, Cell):
         raise CellSpecError(f"expected a symgate Cell, got {type(cell).__name__}")
+    name_args(of=of, wrt=wrt)
     names = cell.state_names
     for nm in (of, wrt):
         if nm is not None and nm not in names:
@@ -801,6 +802,7 @@ def parameter_jacobian(cell: Cell, param: str, of: str | None = None) -> ParamJa
     """
     if not isinstance(cell, Cell):
         raise CellSpecError(f"expected a symgate Cell, got {type(cell).__name__}")
+    name_args(param=param, of=of)
     if param not in cell.param_names:
         raise CellSpecError(f"{param!r} is not a parameter of cell {cell.name!r}; parameters are {cell.param_names}")
     names = cell.state_names
@@ -842,6 +844,7 @@ def parameter_jacobians(cell: Cell, of: str | None = None) -> dict[str, ParamJac
     """:func:`parameter_jacobian` for every parameter, by name."""
     if not isinstance(cell, Cell):
         raise CellSpecError(f"expected a symgate Cell, got {type(cell).__name__}")
+    name_args(of=of)
     return {p: parameter_jacobian(cell, p, of) for p in cell.param_names}
 
 
