@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -29,6 +30,35 @@ if not os.environ.get("SYMGATE_CACHE_DIR"):
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _SESSION_CACHE is not None:
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+# the hostile-input catalogue (tests marked hostile("error") or hostile("result")): counted by outcome
+_HOSTILE: dict[str, str] = {}
+_HOSTILE_FAILED: set[str] = set()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        mark = item.get_closest_marker("hostile")
+        if mark is not None:
+            if mark.args not in (("error",), ("result",)):
+                raise pytest.UsageError(f"{item.nodeid}: hostile() takes 'error' or 'result', got {mark.args}")
+            _HOSTILE[item.nodeid] = mark.args[0]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.nodeid in _HOSTILE and report.failed:
+        _HOSTILE_FAILED.add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _HOSTILE:
+        return
+    passed = {r.nodeid for r in terminalreporter.stats.get("passed", [])}
+    counts = {kind: sum(1 for n, k in _HOSTILE.items() if k == kind and n in passed) for kind in ("error", "result")}
+    terminalreporter.write_line(
+        f"hostile-input catalogue: {counts['error'] + counts['result']} cases passed ({counts['error']} end in a clear "
+        f"SymgateError, {counts['result']} in the correct result), {len(_HOSTILE_FAILED)} failed")
 
 
 settings.register_profile(
