@@ -24,6 +24,7 @@ import argparse
 import copy
 import os
 import platform
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -97,7 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         print(f"not an x86-64 machine ({platform.machine()}): prebuilt kernels use the compiler's default target")
         return 0
-    os.environ["SYMGATE_CACHE_DIR"] = tempfile.mkdtemp(prefix="symgate-bench-isa-")
+    cache = tempfile.mkdtemp(prefix="symgate-bench-isa-")
+    os.environ["SYMGATE_CACHE_DIR"] = cache
+    try:
+        return measure(args)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace) -> int:
     import symgate as sg
     from symgate import _aot
 
