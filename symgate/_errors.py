@@ -20,7 +20,17 @@ __all__ = [
     "VerificationError",
     "ConfigError",
     "ConcurrentUseError",
+    "one_line",
 ]
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line (the message's lines joined, cut after ``limit`` characters),
+    for errors that report another exception inside their own one-line message."""
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class SymgateError(Exception):

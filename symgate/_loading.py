@@ -15,7 +15,7 @@ import os
 import sys
 
 from ._cell import Cell, cell as make_cell_from_fn
-from ._errors import CellSpecError, SymgateError
+from ._errors import CellSpecError, SymgateError, one_line
 from .cells import BUILTIN, builtin
 
 __all__ = ["load_cell"]
@@ -28,13 +28,10 @@ def _shown(text: str, limit: int = 120) -> str:
 
 
 def _describe(exc: BaseException, when: str = "while being loaded") -> str:
-    """``Type: message`` on one line (the message's lines joined)."""
+    """``Type: message`` on one line; a ``sys.exit()`` in the user's file said as such."""
     if isinstance(exc, SystemExit):
         return f"SystemExit: the cell file exits {when} (sys.exit({exc.code!r}))"
-    text = " ".join(str(exc).split())
-    if len(text) > 300:
-        text = text[:300] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return one_line(exc)
 
 
 def load_cell(spec: str) -> Cell:
@@ -65,17 +62,17 @@ def load_cell(spec: str) -> Cell:
     module = importlib.util.module_from_spec(mspec)
     previous = sys.modules.get(modname)
     sys.modules[modname] = module  # dataclasses, typing.get_type_hints, pickle look the module up
+    loaded = False
     try:
         loader.exec_module(module)
+        loaded = True
     except SymgateError:
-        _restore(modname, previous)
         raise
     except (Exception, SystemExit) as exc:  # KeyboardInterrupt goes through
-        _restore(modname, previous)
         raise CellSpecError(f"error while loading {_shown(path)}: {_describe(exc)}") from exc
-    except BaseException:
-        _restore(modname, previous)
-        raise
+    finally:
+        if not loaded:
+            _restore(modname, previous)
     if not hasattr(module, attr):
         raise CellSpecError(f"{_shown(path)} has no attribute {attr!r}")
     obj = getattr(module, attr)

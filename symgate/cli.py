@@ -20,7 +20,7 @@ from typing import Sequence
 
 from ._cell import Cell
 from ._derive import jacobian, parameter_jacobians
-from ._errors import ConfigError, SymgateError
+from ._errors import ConfigError, SymgateError, one_line
 from ._loading import load_cell as load_cell
 from .cells import BUILTIN, builtin
 
@@ -369,12 +369,7 @@ DEBUG_ENV = "SYMGATE_DEBUG"
 
 
 def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if isinstance(exc, SystemExit):
-        return f"exit (SystemExit({exc.code!r}))"
-    if len(text) > 300:
-        text = text[:300] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"exit (SystemExit({exc.code!r}))" if isinstance(exc, SystemExit) else one_line(exc)
 
 
 def _error_line(exc: SymgateError) -> str:
@@ -395,8 +390,8 @@ def _save_log(text: str, where: object) -> str | None:
     """``text`` written to ``build-error.log`` in ``where`` (or a new temporary file); its path."""
     import tempfile
 
-    candidates = [os.path.join(str(where), "build-error.log")] if where else []
-    for path in candidates:
+    if where:
+        path = os.path.join(str(where), "build-error.log")
         try:
             with open(path, "w", encoding="utf-8") as fh:
                 fh.write(text + "\n")

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from .._errors import ConfigError
+from .._errors import ConfigError, one_line
 
 __all__ = ["Job", "jobs_for", "run_job", "execute", "local_cluster", "parse_scheduler", "SCHEDULERS", "MAX_WORKERS",
            "ADDRESS_SCHEMES"]
@@ -222,7 +222,7 @@ def execute(jobs: Iterable[Job], *, scheduler: str = "local", workers: int | Non
                 bar.update(1)
             return out
         if address == "local":
-            return _execute_dask(jobs, address, workers, bar, connect_timeout)
+            return _execute_local(jobs, workers, bar)
         start = time.monotonic()
         _probe(address, host, port, min(PROBE_TIMEOUT, float(connect_timeout)))
         remaining = max(float(connect_timeout) - (time.monotonic() - start), 0.5)
@@ -232,14 +232,8 @@ def execute(jobs: Iterable[Job], *, scheduler: str = "local", workers: int | Non
         bar.close()
 
 
-def _execute_dask(jobs: list[Job], scheduler: str, workers: int | None, bar: Any, connect_timeout: float) -> list[dict]:
-    """The jobs on a local cluster (``scheduler == "local"``) or, through :func:`execute`'s
-    checks, on a running scheduler."""
-    if scheduler != "local":
-        address, _, host, port = parse_scheduler(scheduler)
-        _probe(address, host, port, min(PROBE_TIMEOUT, float(connect_timeout)))
-        _distributed()
-        return _run_coroutine(lambda: _execute_remote(jobs, address, bar, connect_timeout, connect_timeout))
+def _execute_local(jobs: list[Job], workers: int | None, bar: Any) -> list[dict]:
+    """The jobs on a local Dask cluster of ``workers`` single-threaded processes (one per core by default)."""
     _distributed()
     from distributed import Client, as_completed
 
@@ -291,12 +285,6 @@ def _run_coroutine(make: Callable[[], Any]) -> Any:
     return value
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= 200 else text[:200] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 #: seconds given to closing a client whose scheduler stopped answering
 _CLOSE_TIMEOUT = 3.0
 
@@ -339,10 +327,10 @@ async def _remote_session(jobs: list[Job], address: str, bar: Any, timeout: floa
                               "(the connection was accepted but the handshake did not finish)") from None
         if isinstance(exc, MemoryError):
             raise ConfigError(f"the server at {address!r} does not speak the Dask protocol "
-                              f"(its reply announced an impossible size: {_one_line(exc)})") from None
+                              f"(its reply announced an impossible size: {one_line(exc, 200)})") from None
         if isinstance(exc, Exception) and not isinstance(exc, ConfigError):
             # anything else the handshake raises is about the server
-            raise ConfigError(f"the server at {address!r} did not answer as a Dask scheduler ({_one_line(exc)})") from None
+            raise ConfigError(f"the server at {address!r} did not answer as a Dask scheduler ({one_line(exc, 200)})") from None
         raise
     try:
         futures = client.map(run_job, jobs, pure=False)
@@ -354,7 +342,7 @@ async def _remote_session(jobs: list[Job], address: str, bar: Any, timeout: floa
             except Exception as exc:
                 if fut.status == "error":
                     raise  # the job's own error, as raised on the worker
-                raise ConfigError(f"lost the Dask scheduler at {address!r} during the sweep ({_one_line(exc)})") from None
+                raise ConfigError(f"lost the Dask scheduler at {address!r} during the sweep ({one_line(exc, 200)})") from None
             bar.update(1)
         return out
     finally:
