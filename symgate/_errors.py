@@ -20,7 +20,6 @@ __all__ = [
     "VerificationError",
     "ConfigError",
     "ConcurrentUseError",
-    "one_line",
 ]
 
 
