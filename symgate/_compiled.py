@@ -197,6 +197,12 @@ class _Run:
             self.kernel._raise(code, self)
 
 
+def _slot_label(sl: Slot) -> str:
+    """How a caller's array is named in messages (``params['W']``, ``x``, ...); internal slots by their code."""
+    return {"x": "x", "param": f"params[{sl.key!r}]", "h0": f"h0[{sl.key!r}]", "loss_V": "loss V",
+            "loss_y": "loss y", "cot": f"cotangents[{sl.key!r}]"}.get(sl.role, sl.code)
+
+
 #: what a negative return code of the generated ``run`` says was not finite
 _STAGES = {-1: "the forward pass (a state, a node or a matrix product)", -2: "the loss",
            -3: "a state tangent (JVP)", -4: "a gradient"}
@@ -271,8 +277,7 @@ class CompiledKernel(ReferenceKernel):
         if code > 0:
             sl = g.slots[code - 1]
             a = run.arrays[sl.code]
-            what = {"x": "x", "param": f"params[{sl.key!r}]", "h0": f"h0[{sl.key!r}]", "loss_V": "loss V",
-                    "loss_y": "loss y", "cot": f"cotangents[{sl.key!r}]"}.get(sl.role, sl.code)
+            what = _slot_label(sl)
             assert a is not None
             bad = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0]) if a.ndim else ()
             raise NonFiniteError(f"{what} contains a non-finite value ({a[bad]!r} at index {bad})")
@@ -453,13 +458,10 @@ class PreparedStep:
         self._user_params = params
         self._user_objs = {nm: params[nm] for nm in self.kernel.cell.param_names}
         self._loss, self._loss_arrays = loss, (loss.V, loss.y)
-        named = []
-        for sl in self.kernel.generated.slots:
-            a = r.arrays[sl.code]
-            if sl.role in ("x", "param", "h0", "loss_V", "loss_y") and a is not None:
-                named.append((sl.role if sl.role in ("x", "loss_V", "loss_y") else f"{sl.role}[{sl.key!r}]", a))
-        self._bound_names = [nm.replace("param[", "params[").replace("loss_", "loss.") for nm, _ in named]
-        self._bound = tuple(a for _, a in named)
+        bound = [sl for sl in self.kernel.generated.slots
+                 if sl.role in ("x", "param", "h0", "loss_V", "loss_y") and r.arrays[sl.code] is not None]
+        self._bound_names = [_slot_label(sl) for sl in bound]
+        self._bound = tuple(r.arrays[sl.code] for sl in bound)
         expect: list[int] = []
         for a in self._bound:
             expect += [a.__array_interface__["data"][0], a.ndim, *a.shape, *a.strides]
@@ -534,12 +536,10 @@ def kernels(cell: Cell, dtype: Any = "float64") -> ReferenceKernel:
     try:
         return compile(cell, dtype)
     except CompilerNotFoundError as exc:  # no C compiler: the numpy reference still works
-        warnings.warn(f"cell {cell.name!r}: no compiled kernel ({exc.args[0].splitlines()[0]}); using the numpy reference kernel",
-                      SymgateWarning, stacklevel=2)
-        return reference_kernel(cell, dtype)
+        why = exc.args[0].splitlines()[0]
     except SymgateError:
         raise
     except (OSError, ImportError) as exc:  # no Cython: the numpy reference still works
-        warnings.warn(f"cell {cell.name!r}: no compiled kernel ({type(exc).__name__}: {exc}); using the numpy reference kernel",
-                      SymgateWarning, stacklevel=2)
-        return reference_kernel(cell, dtype)
+        why = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"cell {cell.name!r}: no compiled kernel ({why}); using the numpy reference kernel", SymgateWarning, stacklevel=2)
+    return reference_kernel(cell, dtype)
