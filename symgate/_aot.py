@@ -124,7 +124,7 @@ def module_isa(path: str | Path) -> str | None:
     return data[at + len(MARKER):end].decode("ascii", "replace") if end > 0 else None
 
 
-def _runnable(name: str, origin: str | None) -> bool:
+def _runnable(origin: str | None) -> bool:
     """Whether the prebuilt module at ``origin`` may be imported on this CPU (warns once if not)."""
     isa = module_isa(origin) if origin else None
     lacking = ["(no instruction-set marker in the module)"] if isa is None else missing_features(isa)
@@ -165,7 +165,7 @@ def load(content_hash: str) -> ModuleType | None:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return None
-    if spec is None or not _runnable(name, spec.origin):
+    if spec is None or not _runnable(spec.origin):
         return None
     module = importlib.import_module(name)
     if getattr(module, "CONTENT_HASH", None) != content_hash:  # pragma: no cover - defensive

@@ -42,10 +42,10 @@ import sympy
 
 from ._errors import (
     CellSpecError,
-    SymgateError,
     InvalidNameError,
     ShapeError,
     StateIndependenceError,
+    SymgateError,
     UnsupportedFunctionError,
 )
 from ._functions import DERIVATIVE_RULES, NODE_STEMS

@@ -25,7 +25,6 @@ import numbers
 from typing import Any, Callable
 
 import numpy as np
-
 import sympy
 
 __all__ = [

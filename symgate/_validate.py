@@ -41,10 +41,10 @@ def check_array(name: str, a: Any, dtype: np.dtype, ndim: int) -> np.ndarray:
         a = np.asarray(a)  # a numpy scalar of the right dtype is a 0-d array
     if not isinstance(a, np.ndarray):
         raise DTypeError(f"{name} must be a numpy array of dtype {dtype}, got {type(a).__module__}.{type(a).__qualname__} (wrap scalars with np.asarray)")
-    if isinstance(a, (np.ma.MaskedArray, np.matrix)):  # a mask would be ignored; a matrix changes what * and @ mean
-        if isinstance(a, np.ma.MaskedArray):
-            raise DTypeError(f"{name} is a masked array; kernels take plain arrays and would ignore the mask: "
-                             f"pass {name}.filled(value)")
+    if isinstance(a, np.ma.MaskedArray):  # the kernels would ignore the mask
+        raise DTypeError(f"{name} is a masked array; kernels take plain arrays and would ignore the mask: "
+                         f"pass {name}.filled(value)")
+    if isinstance(a, np.matrix):  # a matrix changes what * and @ mean
         raise DTypeError(f"{name} is a numpy.matrix; kernels take plain arrays: pass np.asarray({name})")
     if a.dtype != dtype:
         raise DTypeError(f"{name} has dtype {a.dtype}; this kernel needs {dtype} (convert with .astype('{dtype}'))")

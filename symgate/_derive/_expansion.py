@@ -511,7 +511,7 @@ def effective_lr(cell: Cell, param: str | None = None, *, state: str | None = No
     """
     if not isinstance(cell, Cell):
         raise CellSpecError(f"expected a symgate Cell, got {type(cell).__name__}")
-    name_args(param=param, state=state, convention=convention)
+    name_args(param=param, convention=convention)  # state: checked by retention_state
     if convention not in CONVENTIONS:
         raise CellSpecError(f"unknown convention {convention!r}; conventions are {CONVENTIONS}")
     s = retention_state(cell, state)
